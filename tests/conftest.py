@@ -19,3 +19,57 @@ def multimolecule():
 @functools.cache
 def reference_tokenizer(k: int):
     return multimolecule().RnaTokenizer(nmers=k)
+
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """factory(k, kind) -> folder of a 2-layer random multimolecule checkpoint saved by `save_pretrained`.
+
+    kind: "base" (UtrBertModel: pooler), "mlm" (UtrBertForMaskedLM: head, no pooler), "pretraining" (both).
+    """
+    made = {}
+
+    def make(k: int, kind: str = "base"):
+        if (k, kind) not in made:
+            mm = multimolecule()
+            import torch
+
+            torch.manual_seed(1000 * k + len(kind))
+            config = mm.UtrBertConfig(nmers=k, **TINY)
+            cls = {"base": mm.UtrBertModel, "mlm": mm.UtrBertForMaskedLM, "pretraining": mm.UtrBertForPreTraining}[kind]
+            model = cls(config).eval()
+            folder = tmp_path_factory.mktemp(f"utrbert{k}{kind}")
+            model.save_pretrained(folder)
+            made[k, kind] = (folder, model)
+        return made[k, kind]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory):
+    """factory(k, kind) -> fp32 bundle folder built from the tiny checkpoint."""
+    built = {}
+
+    def make(k: int, kind: str = "pretraining"):
+        if (k, kind) not in built:
+            from utrexport import checkpoints
+            from utrexport.build import build_bundle
+
+            folder, _ = tiny_checkpoint(k, kind)
+            out = tmp_path_factory.mktemp("bundles") / f"b{k}{kind}"
+            built[k, kind] = build_bundle(checkpoints.from_folder(folder, k), out, log=lambda m: None)
+        return built[k, kind]
+
+    return make
+
+
+def padded_real_batch(k: int, n: int = 5, max_tokens: int = 200, source: str = "human_3utr_calibration.fa"):
+    """A padded batch of real sequences of different lengths (some longer than max_tokens, cut)."""
+    from utr_runtime import KmerTokenizer
+
+    seqs = [s for _, s in real_sequences(source)][: n * 7 : 7]
+    return KmerTokenizer(k)(seqs, padding=True, truncation=True, max_length=max_tokens)

@@ -1,0 +1,160 @@
+"""Checkpoint -> bundle folder: export, fixtures, manifest, verification; written aside, then renamed into place."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from utr_calibration import real_sequences
+from utr_runtime.bundle import FORMAT, FORMAT_VERSION, PRECISIONS, Bundle, sha256_file, write_manifest
+from utr_runtime.errors import UtrError
+from utr_runtime.tokenizer import KmerTokenizer
+from utr_runtime.verify import verify
+
+from .checkpoints import Checkpoint
+from .onnx_export import OPSET, export_onnx
+
+# Parity fixtures: held-out real sequences (never used for calibration), cut to these token counts so that the
+# padded batch holds a full-length row, a long, a medium and a short one.
+FIXTURE_SOURCES = ("utrbert_seq_to_extract.fasta", "human_mrna_full_length.fasta")
+FIXTURE_LENGTHS = (512, 300, 128, 40)
+MASKS_PER_ROW = 3
+
+
+class BuildError(UtrError):
+    pass
+
+
+def build_bundle(
+    checkpoint: Checkpoint,
+    output: str | os.PathLike,
+    precisions: tuple[str, ...] = ("fp32",),
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write a verified bundle for `checkpoint` at `output`; nothing is left at `output` unless it verifies."""
+    output = Path(output)
+    if output.exists() and not force:
+        raise BuildError(f"{output} exists; pass --force to replace it")
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise BuildError(f"unknown precision {unknown}; choose from {', '.join(PRECISIONS)}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        _build_into(work, checkpoint, precisions, log)
+        _replace(work, output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+def _build_into(work: Path, checkpoint: Checkpoint, precisions, log) -> None:
+    config = checkpoint.config
+    model = checkpoint.module()
+    tokenizer = KmerTokenizer(config.k)
+    tokenizer.save(work / "tokenizer.json")
+
+    log(f"exporting fp32 ONNX ({config.num_hidden_layers} layers, hidden {config.hidden_size}, k={config.k})")
+    start = time.perf_counter()
+    ops = export_onnx(model, work / "model.fp32.onnx")
+    models = {"fp32": {"file": "model.fp32.onnx", "opset": OPSET, "export_seconds": round(time.perf_counter() - start, 1), "ops": ops}}
+
+    log("computing parity fixtures on held-out real sequences (PyTorch, float32)")
+    np.savez(work / "fixtures.npz", **make_fixtures(model, tokenizer))
+
+    manifest = _manifest(checkpoint, model, models, work)
+    write_manifest(work, manifest)
+    log("verifying every precision against the PyTorch reference")
+    rows = verify(Bundle(work))
+    manifest["parity"] = rows
+    write_manifest(work, manifest)
+    failed = [f"{r['precision']} {r['output']}" for r in rows if not r["passed"]]
+    if failed:
+        raise BuildError(f"parity check failed for {', '.join(failed)}; the bundle was not written")
+
+
+def make_fixtures(model, tokenizer: KmerTokenizer) -> dict[str, np.ndarray]:
+    """A padded batch of held-out real sequences with the module's float32 outputs."""
+    seqs = [seq for name in FIXTURE_SOURCES for _, seq in real_sequences(name)]
+    seqs = sorted(seqs, key=len, reverse=True)[: len(FIXTURE_LENGTHS)]
+    rows = [tokenizer.encode_batch([s], max_length=min(n, model.config.max_position_embeddings))[0] for s, n in zip(seqs, FIXTURE_LENGTHS)]
+    input_ids, attention_mask = tokenizer.pad(rows)
+    feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if model.lm_head is not None:
+        rng = np.random.default_rng(0)
+        positions = np.stack([np.sort(rng.choice(np.arange(1, len(r) - 1), MASKS_PER_ROW, replace=False)) for r in rows])
+        np.put_along_axis(input_ids, positions, tokenizer.mask_token_id, axis=1)
+        feeds["mask_positions"] = positions.astype(np.int64)
+    with torch.no_grad():
+        outputs = model(*(torch.from_numpy(feeds[name]) for name in model.input_names))
+    return {**feeds, **{name: out.numpy() for name, out in zip(model.output_names, outputs)}}
+
+
+def _manifest(checkpoint: Checkpoint, model, models: dict, work: Path) -> dict:
+    config = checkpoint.config
+    hidden, vocab = config.hidden_size, config.vocab_size
+    shapes = {
+        "input_ids": ["batch", "sequence"],
+        "attention_mask": ["batch", "sequence"],
+        "mask_positions": ["batch", "positions"],
+        "last_hidden_state": ["batch", "sequence", hidden],
+        "pooler_output": ["batch", hidden],
+        "logits": ["batch", "positions", vocab],
+    }
+    files = [p.name for p in sorted(work.iterdir()) if p.name != "manifest.json"]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": f"utrbert-{config.k}mer",
+            "architecture": "3UTRBERT (BERT encoder, overlapping k-mer tokens)",
+            "k": config.k,
+            "config": config.to_dict(),
+            "trained": checkpoint.trained,
+            "source": checkpoint.source,
+            "weights_sha256": checkpoint.weights_sha256(),
+            "ignored_checkpoint_keys": checkpoint.ignored_keys,
+        },
+        "max_tokens": config.max_position_embeddings,
+        "tokenizer": "tokenizer.json",
+        "inputs": [{"name": n, "dtype": "int64", "shape": shapes[n]} for n in model.input_names],
+        "outputs": [{"name": n, "dtype": "float32", "shape": shapes[n]} for n in model.output_names],
+        "models": models,
+        "fixtures": "fixtures.npz",
+        "tools": _tool_versions(),
+        "files": {name: sha256_file(work / name) for name in files},
+    }
+
+
+def _tool_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ("utrexport", "torch", "onnx", "onnxscript", "onnxruntime", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _replace(work: Path, output: Path) -> None:
+    """Move the finished folder into place; an old bundle there is removed only once the new one is in."""
+    old = None
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        os.replace(output, old)
+    os.replace(work, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

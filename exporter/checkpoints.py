@@ -1,0 +1,229 @@
+"""Checkpoint loaders: every source becomes one `Checkpoint` (config + state dict named as `network.UtrBert`).
+
+Sources: a multimolecule folder, a hub id (through huggingface_hub, so its cache and offline settings hold),
+an original 3UTRBERT (DNABERT-style `BertForMaskedLM`) folder, or seeded random weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from utr_runtime.bundle import sha256_file
+from utr_runtime.errors import UtrError
+from utr_runtime.tokenizer import KmerTokenizer
+
+from .network import UtrBert, UtrBertConfig
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# multimolecule's conversion of original checkpoints draws the rows new to its vocabulary from this seed.
+ORIGINAL_NEW_ROWS_SEED = 1016
+
+
+class CheckpointError(UtrError):
+    """A checkpoint that cannot be read or does not fit the request."""
+
+
+@dataclass
+class Checkpoint:
+    config: UtrBertConfig
+    state_dict: dict[str, torch.Tensor]
+    source: dict  # how it was obtained: kind, path/id/seed, sha256 of the weight file
+    trained: bool
+    ignored_keys: list[str] = field(default_factory=list)
+
+    def module(self) -> UtrBert:
+        model = UtrBert(self.config)
+        model.load_state_dict(self.state_dict, strict=True)
+        return model.eval()
+
+    def weights_sha256(self) -> str:
+        """Checksum of the weights as exported (names, dtypes, shapes, values), whatever file they came from."""
+        digest = hashlib.sha256()
+        for name in sorted(self.state_dict):
+            t = self.state_dict[name].detach().to(torch.float32).contiguous()
+            digest.update(f"{name}:{tuple(t.shape)}".encode())
+            digest.update(t.numpy().tobytes())
+        return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def from_random_init(k: int, seed: int, num_hidden_layers: int = 12, **sizes) -> Checkpoint:
+    """The exact architecture (pooler and MLM head included) with seeded random weights: untrained."""
+    config = UtrBertConfig(k=k, num_hidden_layers=num_hidden_layers, pooler=True, lm_head=True, **sizes)
+    model = UtrBert(config).init_weights(seed)
+    state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    return Checkpoint(config, state, {"kind": "random-init", "seed": seed}, trained=False)
+
+
+def from_folder(path: str | os.PathLike, k: int | None = None) -> Checkpoint:
+    """A multimolecule checkpoint folder, or an original 3UTRBERT one (told apart by its weight names)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder}: no config.json (expected a multimolecule or original 3UTRBERT checkpoint)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    weights_file, state = _read_weights(folder)
+    source = {"kind": "folder", "path": str(folder.resolve()), "file": weights_file.name, "sha256": sha256_file(weights_file)}
+    if any(key.startswith("bert.") for key in state):
+        source["format"] = "original-3utrbert"
+        return _from_original(config, state, folder, k, source)
+    source["format"] = "multimolecule"
+    return _from_multimolecule(config, state, k, source)
+
+
+def from_hub(repo_id: str, k: int | None = None, revision: str | None = None) -> Checkpoint:
+    """A hub checkpoint through huggingface_hub (its cache, HF_HUB_OFFLINE and token settings apply)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError("--hub needs huggingface_hub: pip install 'utrexport[export]'") from None
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=["config.json", *WEIGHT_FILES, "vocab.txt"])
+    except Exception as e:  # network, offline-cache miss, missing repo: all end the same way for the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot fetch {repo_id!r} from the model hub ({type(e).__name__}: {reason[:200]}); "
+            "use --checkpoint DIR for a local folder, or --random-init for untrained weights"
+        ) from None
+    checkpoint = from_folder(folder, k)
+    checkpoint.source.update(kind="hub", id=repo_id, revision=revision or "main")
+    return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------- formats
+def _from_multimolecule(config: dict, state: dict, k: int | None, source: dict) -> Checkpoint:
+    k_file = config.get("nmers")
+    if k_file is None:
+        raise CheckpointError(f"{source['path']}: config.json has no 'nmers' (is this a 3UTRBERT checkpoint?)")
+    _check_k(k_file, k, source)
+    for key, expected in (("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
+        if config.get(key, expected) != expected:
+            raise CheckpointError(f"{source['path']}: {key}={config[key]!r} is not supported (3UTRBERT uses {expected!r})")
+    state = {key.removeprefix("model."): value for key, value in state.items()}
+    head = {key: value for key, value in state.items() if key.startswith("lm_head.")}
+    ignored = sorted(key for key in state if not key.startswith(("embeddings.", "encoder.", "pooler.", "lm_head.")))
+    if "lm_head.decoder.weight" in head:
+        if not torch.equal(head["lm_head.decoder.weight"], state["embeddings.word_embeddings.weight"]):
+            raise CheckpointError(f"{source['path']}: the MLM decoder is not tied to the word embeddings; untied heads are not supported")
+    wanted = {key: value for key, value in state.items() if key not in ignored and not key.startswith("lm_head.decoder.")}
+    wanted = {key: value for key, value in wanted.items() if not key.endswith("position_ids")}
+    cfg = _config_from(config, k_file, pooler="pooler.dense.weight" in wanted, lm_head="lm_head.bias" in wanted)
+    return _checked(Checkpoint(cfg, wanted, source, trained=True, ignored_keys=ignored))
+
+
+def _from_original(config: dict, state: dict, folder: Path, k: int | None, source: dict) -> Checkpoint:
+    vocab_file = folder / "vocab.txt"
+    if not vocab_file.is_file():
+        raise CheckpointError(f"{folder}: an original 3UTRBERT checkpoint needs its vocab.txt")
+    old_vocab = [_original_token(t) for t in vocab_file.read_text().splitlines() if t.strip()]
+    kmer_lengths = {len(t) for t in old_vocab if not t.startswith("<")}
+    if len(kmer_lengths) != 1:
+        raise CheckpointError(f"{vocab_file}: cannot tell k from the vocabulary")
+    k_file = kmer_lengths.pop()
+    _check_k(k_file, k, source)
+    renamed = {}
+    for key, value in state.items():
+        key = key.replace("LayerNorm", "layer_norm").replace("gamma", "weight").replace("beta", "bias")
+        if key.startswith("bert."):
+            renamed[key[len("bert.") :]] = value
+        elif key.startswith("cls.predictions."):
+            renamed["lm_head." + key[len("cls.predictions.") :]] = value
+    new_vocab = KmerTokenizer(k_file).vocabulary
+    std = float(config.get("initializer_range", 0.02))
+    # The decoder's bias is the one the MLM used (BERT ties lm_head.bias to it); take it as multimolecule does.
+    old_bias = renamed.get("lm_head.decoder.bias", renamed.get("lm_head.bias"))
+    words, bias = _remap_rows(renamed["embeddings.word_embeddings.weight"], old_bias, old_vocab, new_vocab, std)
+    renamed["embeddings.word_embeddings.weight"] = words
+    if bias is not None:
+        renamed["lm_head.bias"] = bias
+    renamed = {key: value for key, value in renamed.items() if not key.startswith("lm_head.decoder") and not key.endswith("position_ids")}
+    cfg = _config_from(config, k_file, pooler="pooler.dense.weight" in renamed, lm_head="lm_head.bias" in renamed)
+    return _checked(Checkpoint(cfg, renamed, source, trained=True))
+
+
+def _original_token(token: str) -> str:
+    token = token.strip()
+    if token.startswith("["):
+        token = {"[SEP]": "<eos>"}.get(token, token.lower().replace("[", "<").replace("]", ">"))
+    return token.replace("T", "U")
+
+
+def _remap_rows(words: torch.Tensor, bias: torch.Tensor | None, old_vocab: list[str], new_vocab: list[str], std: float):
+    """Move rows to the 5-letter vocabulary; new rows (k-mers with N, <null>) drawn as multimolecule draws them."""
+    torch.manual_seed(ORIGINAL_NEW_ROWS_SEED)
+    new_words = torch.normal(size=(len(new_vocab), words.shape[1]), mean=0.0, std=std, dtype=words.dtype)
+    new_bias = None if bias is None else bias.new_zeros(len(new_vocab))
+    index = {token: i for i, token in enumerate(new_vocab)}
+    for old_i, token in enumerate(old_vocab):
+        if token not in index:
+            raise CheckpointError(f"original vocabulary token {token!r} has no place in the 3UTRBERT vocabulary")
+        new_words[index[token]] = words[old_i]
+        if new_bias is not None:
+            new_bias[index[token]] = bias[old_i]
+    return new_words, new_bias
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _config_from(config: dict, k: int, pooler: bool, lm_head: bool) -> UtrBertConfig:
+    return UtrBertConfig(
+        k=k,
+        hidden_size=int(config.get("hidden_size", 768)),
+        num_hidden_layers=int(config.get("num_hidden_layers", 12)),
+        num_attention_heads=int(config.get("num_attention_heads", 12)),
+        intermediate_size=int(config.get("intermediate_size", 3072)),
+        max_position_embeddings=int(config.get("max_position_embeddings", 512)),
+        type_vocab_size=int(config.get("type_vocab_size", 2)),
+        layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+        initializer_range=float(config.get("initializer_range", 0.02)),
+        pooler=pooler,
+        lm_head=lm_head,
+    )
+
+
+def _checked(checkpoint: Checkpoint) -> Checkpoint:
+    """The weights must be exactly those of the architecture the config describes."""
+    expected = UtrBert(checkpoint.config).state_dict()
+    missing = sorted(set(expected) - set(checkpoint.state_dict))
+    unexpected = sorted(set(checkpoint.state_dict) - set(expected))
+    where = checkpoint.source.get("path", checkpoint.source.get("id", "checkpoint"))
+    if missing or unexpected:
+        detail = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "")
+        raise CheckpointError(f"{where}: weights do not match a 3UTRBERT of this config: {detail.strip()}")
+    for name, tensor in expected.items():
+        if tuple(checkpoint.state_dict[name].shape) != tuple(tensor.shape):
+            got = tuple(checkpoint.state_dict[name].shape)
+            raise CheckpointError(f"{where}: {name} has shape {got}, expected {tuple(tensor.shape)}")
+    checkpoint.state_dict = {name: t.to(torch.float32) for name, t in checkpoint.state_dict.items()}
+    return checkpoint
+
+
+def _check_k(k_file: int, k: int | None, source: dict) -> None:
+    if k is not None and int(k_file) != int(k):
+        where = source.get("path", "checkpoint")
+        raise CheckpointError(f"{where} is a {k_file}-mer checkpoint but --kmer {k} was asked for")
+
+
+def _read_weights(folder: Path) -> tuple[Path, dict]:
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                if name.endswith(".safetensors"):
+                    from safetensors.torch import load_file
+
+                    return path, load_file(str(path))
+                return path, torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {str(e)[:200]})") from None
+    raise CheckpointError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES)})")

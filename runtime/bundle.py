@@ -1,0 +1,126 @@
+"""The bundle: a folder that is the whole contract between the exporter and the runtime.
+
+    manifest.json      what is in the folder: model, k, tokenizer, inputs/outputs, one ONNX file per precision,
+                       engines, parity results, and the sha256 of every other file
+    tokenizer.json     the KmerTokenizer spec
+    model.<precision>.onnx
+    fixtures.npz       token ids and masks of real sequences with float32 PyTorch reference outputs
+
+Reading a bundle checks the format version and every checksum before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import BundleError
+from .tokenizer import KmerTokenizer
+
+FORMAT = "utr-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Bundle:
+    """A bundle folder whose manifest has been read and whose files have been checked."""
+
+    def __init__(self, path: str | os.PathLike, check: bool = True):
+        self.path = Path(path)
+        self.manifest = _read_manifest(self.path)
+        if check:
+            self.check_files()
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.path)!r}, k={self.k}, precisions={self.precisions})"
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["model"]["k"])
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.manifest["max_tokens"])
+
+    @property
+    def precisions(self) -> list[str]:
+        return [p for p in PRECISIONS if p in self.manifest["models"]]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.manifest["inputs"]]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.manifest["outputs"]]
+
+    @property
+    def has_lm_head(self) -> bool:
+        return "logits" in self.output_names
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def model_file(self, precision: str) -> Path:
+        if precision not in self.manifest["models"]:
+            present = ", ".join(self.precisions) or "none"
+            raise BundleError(f"{self.path}: no {precision} model in this bundle (present: {present}); rebuild with --precision {precision}")
+        return self.file(self.manifest["models"][precision]["file"])
+
+    def tokenizer(self) -> KmerTokenizer:
+        try:
+            tokenizer = KmerTokenizer.from_file(self.file(self.manifest["tokenizer"]))
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{self.path}: bad tokenizer spec: {e}") from None
+        if tokenizer.k != self.k:
+            raise BundleError(f"{self.path}: tokenizer is {tokenizer.k}-mer but the model is {self.k}-mer")
+        return tokenizer
+
+    def check_files(self) -> None:
+        """Every file the manifest lists exists and has its recorded sha256."""
+        for name, expected in self.manifest["files"].items():
+            path = self.file(name)
+            if not path.is_file():
+                raise BundleError(f"{self.path}: missing file {name} (the bundle is incomplete)")
+            if sha256_file(path) != expected:
+                raise BundleError(f"{self.path}: checksum mismatch for {name} (the file is corrupted or was changed)")
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such bundle folder")
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        raise BundleError(f"{path}: no {MANIFEST}; not a bundle, or an unfinished one")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{manifest_file}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_file}: not a {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{manifest_file}: bundle format version {version!r}, this runtime reads version {FORMAT_VERSION}; rebuild the bundle or upgrade utrexport")
+    for key in ("model", "max_tokens", "tokenizer", "inputs", "outputs", "models", "files"):
+        if key not in manifest:
+            raise BundleError(f"{manifest_file}: missing {key!r}")
+    return manifest
+
+
+def write_manifest(path: str | os.PathLike, manifest: dict) -> None:
+    """Write manifest.json last, atomically: a folder without it is not a bundle."""
+    path = Path(path)
+    tmp = path / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path / MANIFEST)

@@ -1,0 +1,40 @@
+"""ONNX Runtime runner (CPU, or CUDA where onnxruntime-gpu is installed)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import UtrError
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+class OnnxRuntimeRunner:
+    engine = "onnxruntime"
+
+    def __init__(self, model_file: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UtrError("ONNX Runtime is not installed: pip install 'utrexport[onnxruntime]' (or [gpu] for CUDA)") from None
+        available = ort.get_available_providers()
+        if PROVIDERS[device][0] not in available:
+            raise UtrError(f"ONNX Runtime here has no {PROVIDERS[device][0]} (available: {', '.join(available)}); install onnxruntime-gpu for device='cuda'")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(os.fspath(model_file), options, providers=PROVIDERS[device])
+        except Exception as e:
+            raise UtrError(f"{model_file}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
+        self.device = device
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self.output_names, {name: feeds[name] for name in self.input_names})
+        return dict(zip(self.output_names, outputs))
