@@ -108,6 +108,96 @@ def verify_command(bundle, precision, device) -> None:
     click.echo("verification passed")
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.argument("input", metavar="INPUT", type=str)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str), help="Output file: .npy, .npz (ids + vectors) or .parquet.")
+@click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True)
+@click.option("--precision", default="fp32", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--column", help="Sequence column of a TSV/CSV input [default: sequence or seq].")
+@click.option("--strict", is_flag=True, help="Refuse sequences with characters other than A, C, G, U, T, N.")
+@click.option("--truncate", is_flag=True, help="Embed only the first window of long sequences instead of all windows.")
+@click.option("--overlap", type=click.IntRange(0, 500), default=64, show_default=True, help="k-mers shared by neighbouring windows.")
+@click.option("--batch-tokens", type=click.IntRange(512), default=8192, show_default=True, help="Token budget of one batch.")
+@click.option("--chunk", type=click.IntRange(1), default=512, show_default=True, help="Sequences read, embedded and written at a time.")
+@click.option("--threads", type=click.IntRange(1), help="Engine threads [default: all cores].")
+@_fail_cleanly
+def embed(bundle, input, output, pooling, precision, device, column, strict, truncate, overlap, batch_tokens, chunk, threads) -> None:
+    """Embed the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin): one vector per sequence."""
+    import itertools
+    import time
+
+    import utr_runtime
+    from utr_runtime.errors import InputError
+    from utr_runtime.sequences import read_sequences
+    from utr_runtime.tokenizer import foreign_letter
+
+    from .writers import open_writer
+
+    model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads)
+    records = read_sequences(input, column=column)
+    progress = _Progress()
+    start, total_nt, unknown = time.perf_counter(), 0, 0
+    with open_writer(output, model.hidden_size) as writer:
+        while batch := list(itertools.islice(records, chunk)):
+            names, seqs = [n for n, _ in batch], [s for _, s in batch]
+            try:
+                vectors = model.embed(seqs, pooling=pooling, max_batch_tokens=batch_tokens, overlap=overlap, truncation=truncate, strict=strict)
+            except InputError as e:
+                if e.index is None:
+                    raise
+                raise InputError(f"{input}: record {names[e.index]!r}: {e.detail}") from None
+            writer.write(names, vectors)
+            total_nt += sum(map(len, seqs))
+            unknown += sum(1 for s in seqs if foreign_letter(s))
+            progress.update(f"{writer.rows} sequences, {total_nt / 1e6:.2f} Mnt, {total_nt / (time.perf_counter() - start):,.0f} nt/s")
+        if writer.rows == 0:
+            raise InputError(f"{input}: no sequences")
+    progress.done()
+    if unknown:
+        _log(f"note: {unknown} sequences hold characters other than A, C, G, U, T, N; the k-mers holding them were read as <unk> (--strict refuses them)")
+    click.echo(f"{writer.rows} embeddings ({model.hidden_size}-d, {pooling} pooling) written to {output}")
+
+
+@main.command("fill-mask")
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.argument("text")
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--precision", default="fp32", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON (the transformers pipeline's format).")
+@_fail_cleanly
+def fill_mask(bundle, text, top_k, precision, as_json) -> None:
+    """Predict the tokens at each <mask> of TEXT (a k-mer token <mask> stands for one k-mer)."""
+    import json
+
+    import utr_runtime
+
+    answer = utr_runtime.load(bundle, precision=precision).fill_mask(text, top_k=top_k)
+    if as_json:
+        click.echo(json.dumps(answer, indent=1))
+        return
+    for i, row in enumerate(answer if isinstance(answer[0], list) else [answer]):
+        click.echo(f"mask {i + 1}:")
+        for guess in row:
+            click.echo(f"  {guess['token_str']:<8} {guess['score']:.4f}")
+
+
+class _Progress:
+    """A one-line progress report, redrawn in place, on a terminal only."""
+
+    def __init__(self):
+        self.live = sys.stderr.isatty()
+
+    def update(self, text: str) -> None:
+        if self.live:
+            click.echo(f"\r\033[K{text}", err=True, nl=False)
+
+    def done(self) -> None:
+        if self.live:
+            click.echo("", err=True)
+
+
 def _read_parity(path) -> list[dict]:
     from utr_runtime.bundle import Bundle
 

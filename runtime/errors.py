@@ -6,7 +6,16 @@ class UtrError(Exception):
 
 
 class InputError(UtrError, ValueError):
-    """A sequence file or sequence that cannot be used as given."""
+    """A sequence file or sequence that cannot be used as given.
+
+    With `index`, the error is about that sequence of a batch: `detail` says what is wrong with it, and the
+    message reads "sequence <index>: <detail>" (the CLI names the record instead).
+    """
+
+    def __init__(self, detail: str, index: int | None = None):
+        super().__init__(detail if index is None else f"sequence {index}: {detail}")
+        self.detail = detail
+        self.index = index
 
 
 class BundleError(UtrError):

@@ -28,6 +28,7 @@ _INVALID = len(ALPHABET)  # code of any character outside the alphabet
 _CODES = np.full(0x110000, _INVALID, dtype=np.int8)  # every Unicode code point -> letter code
 for _i, _c in enumerate(ALPHABET):
     _CODES[ord(_c)] = _i
+_FOREIGN = re.compile(r"[^ACGTUNacgtun]")
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
 
@@ -276,6 +277,12 @@ class KmerTokenizer:
             return cls.from_spec(spec)
         except ValueError as e:
             raise ValueError(f"{os.fspath(path)}: {e}") from None
+
+
+def foreign_letter(sequence: str) -> tuple[int, str] | None:
+    """(position, character) of the first character that is not A, C, G, U, T or N (any case), or None."""
+    found = _FOREIGN.search(sequence)
+    return (found.start(), found.group()) if found else None
 
 
 def _check_texts(texts) -> list[str]:

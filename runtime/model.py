@@ -1,0 +1,195 @@
+"""The user API: `load(bundle)` -> Model with `embed`, `forward` and `fill_mask`."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .bundle import Bundle
+from .engines import open_runner
+from .errors import InputError, UtrError
+from .tokenizer import foreign_letter
+from .windows import Window, plan_batches, split_windows
+
+POOLINGS = ("mean", "cls", "tokens")
+
+
+def load(bundle: str | os.PathLike | Bundle, precision: str = "fp32", device: str = "cpu", threads: int | None = None) -> "Model":
+    """Open a bundle (format version and checksums checked) and the engine for one of its precisions.
+
+    device: "cpu" or "cuda" (ONNX Runtime), or "tensorrt" (a TensorRT engine built into the bundle).
+    """
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle(bundle)
+    if device == "tensorrt":
+        from .engines.tensorrt import open_engine_runner
+
+        runner = open_engine_runner(bundle, precision)
+    else:
+        runner = open_runner(bundle.model_file(precision), device=device, threads=threads)
+    return Model(bundle, runner, precision, device)
+
+
+class Model:
+    def __init__(self, bundle: Bundle, runner, precision: str, device: str):
+        self.bundle = bundle
+        self.runner = runner
+        self.precision = precision
+        self.device = device
+        self.tokenizer = bundle.tokenizer()
+        self.k = bundle.k
+        self.max_tokens = bundle.max_tokens
+        self.hidden_size = int(bundle.manifest["model"]["config"]["hidden_size"])
+
+    def __repr__(self) -> str:
+        return f"Model(k={self.k}, precision={self.precision!r}, device={self.device!r}, bundle={str(self.bundle.path)!r})"
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, input_ids, attention_mask=None, mask_positions=None) -> dict[str, np.ndarray]:
+        """Raw outputs for (B, L) token ids: last_hidden_state, pooler_output (if any), logits (if positions given)."""
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0 or not np.issubdtype(input_ids.dtype, np.integer):
+            raise InputError(f"input_ids must be a non-empty (batch, length) integer array, got shape {input_ids.shape} {input_ids.dtype}")
+        if input_ids.shape[1] > self.max_tokens:
+            raise InputError(f"{input_ids.shape[1]} tokens is more than this model's maximum of {self.max_tokens}; use embed(), which splits long sequences into windows")
+        if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= self.tokenizer.vocab_size):
+            raise InputError(f"token ids must lie in 0..{self.tokenizer.vocab_size - 1} for k={self.k}")
+        if attention_mask is None:
+            attention_mask = (input_ids != self.tokenizer.pad_token_id).astype(np.int64)
+        attention_mask = np.asarray(attention_mask, dtype=np.int64).reshape(input_ids.shape)
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask}
+        if "mask_positions" in self.runner.input_names:
+            positions = np.zeros((len(input_ids), 1), np.int64) if mask_positions is None else np.asarray(mask_positions, np.int64)
+            if positions.ndim != 2 or len(positions) != len(input_ids) or positions.min(initial=0) < 0 or positions.max(initial=0) >= input_ids.shape[1]:
+                raise InputError("mask_positions must be a (batch, positions) array of indices into each row")
+            feeds["mask_positions"] = positions
+        elif mask_positions is not None:
+            raise InputError("this bundle's model has no MLM head (no logits); build it from a MaskedLM/PreTraining checkpoint")
+        outputs = self.runner.run(feeds)
+        if mask_positions is None:
+            outputs.pop("logits", None)
+        return outputs
+
+    # ------------------------------------------------------------------------------------------ embed
+    def embed(
+        self,
+        sequences: str | Sequence[str],
+        pooling: str = "mean",
+        batch_size: int = 64,
+        max_batch_tokens: int = 8192,
+        overlap: int = 64,
+        truncation: bool = False,
+        strict: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ):
+        """One vector per sequence, in input order: (N, hidden) for "mean"/"cls", a list of (n_kmers, hidden) for "tokens".
+
+        mean:   average of the sequence's k-mer rows (no <cls>/<eos>/padding), each k-mer counted once
+        cls:    the <cls> row; for a long sequence, the windows' <cls> rows weighted by the k-mers each owns
+        tokens: one row per k-mer (L - k + 1 rows), long sequences stitched from overlapping windows
+        Sequences longer than one window (max_tokens - 2 k-mers) are split into windows overlapping by `overlap`
+        k-mers (or cut to one window with truncation=True). Characters outside A,C,G,U,T,N make every k-mer that
+        holds them <unk>; strict=True refuses such sequences instead.
+        """
+        if pooling not in POOLINGS:
+            raise InputError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        single = isinstance(sequences, str)
+        sequences = [sequences] if single else list(sequences)
+        kmers = self._kmers(sequences, strict)
+        window = self.max_tokens - 2
+        windows = [
+            w
+            for i, ids in enumerate(kmers)
+            for w in (split_windows(i, min(len(ids), window), window, 0) if truncation else split_windows(i, len(ids), window, overlap))
+        ]
+        sums = np.zeros((len(sequences), self.hidden_size), np.float64)
+        counts = np.zeros(len(sequences), np.int64)
+        pieces: dict[int, list[tuple[int, np.ndarray]]] = {i: [] for i in range(len(sequences))} if pooling == "tokens" else {}
+        done = 0
+        for batch in plan_batches([w.length + 2 for w in windows], max_batch_tokens, batch_size):
+            chosen = [windows[j] for j in batch]
+            hidden = self._run_windows(chosen, kmers)
+            for w, rows in zip(chosen, hidden):
+                owned = rows[1 + w.own_start - w.start : 1 + w.own_end - w.start]  # row 0 is <cls>
+                n_owned = w.own_end - w.own_start
+                if pooling == "mean":
+                    sums[w.sequence] += owned.sum(0, dtype=np.float64)
+                elif pooling == "cls":
+                    sums[w.sequence] += n_owned * rows[0].astype(np.float64)
+                else:
+                    pieces[w.sequence].append((w.own_start, owned))
+                counts[w.sequence] += n_owned
+            done += len(chosen)
+            if progress:
+                progress(done)
+        if pooling == "tokens":
+            out = [np.concatenate([rows for _, rows in sorted(pieces[i], key=lambda p: p[0])]) for i in range(len(sequences))]
+        else:
+            out = (sums / counts[:, None]).astype(np.float32)
+        return out[0] if single else out
+
+    def _kmers(self, sequences: list[str], strict: bool) -> list[np.ndarray]:
+        for i, seq in enumerate(sequences):
+            if not isinstance(seq, str):
+                raise TypeError(f"sequence {i} is {type(seq).__name__}, not str")
+            if strict:
+                bad = foreign_letter(seq)
+                if bad:
+                    raise InputError(f"character {bad[1]!r} at position {bad[0]} is not A, C, G, U, T or N (strict mode)", index=i)
+        rows = self.tokenizer.encode_batch(sequences)
+        for i, row in enumerate(rows):
+            if len(row) <= 2:
+                raise InputError(f"no {self.k}-mer to embed: the sequence is empty or shorter than k={self.k}", index=i)
+        return [row[1:-1] for row in rows]
+
+    def _run_windows(self, windows: list[Window], kmers: list[np.ndarray]) -> list[np.ndarray]:
+        """last_hidden_state rows of each window (<cls>, its k-mers, <eos>), unpadded."""
+        tok = self.tokenizer
+        rows = [np.concatenate(([tok.cls_token_id], kmers[w.sequence][w.start : w.end], [tok.eos_token_id])) for w in windows]
+        input_ids, attention_mask = tok.pad(rows)
+        hidden = self.forward(input_ids, attention_mask)["last_hidden_state"]
+        return [hidden[j, : len(r)] for j, r in enumerate(rows)]
+
+    # ------------------------------------------------------------------------------------------ fill-mask
+    def fill_mask(self, text: str | Sequence[str], top_k: int = 5):
+        """Top-k predictions for each <mask> in the text, in the format of the transformers fill-mask pipeline.
+
+        One mask: a list of {score, token, token_str, sequence}; several: one such list per mask. A list of
+        texts gives a list of those answers.
+        """
+        if not isinstance(text, str):
+            return [self.fill_mask(t, top_k) for t in text]
+        if "logits" not in self.bundle.output_names:
+            raise UtrError("this bundle's model has no MLM head; build it from a MaskedLM/PreTraining checkpoint for fill-mask")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise InputError(f"top_k must be a positive integer, got {top_k!r}")
+        tok = self.tokenizer
+        ids = tok.encode(text)
+        masked = np.flatnonzero(ids == tok.mask_token_id)
+        if not len(masked):
+            raise InputError(f"no {tok.special_tokens[tok.mask_token_id]} token in the text")
+        logits = self.forward(ids[None], None, masked[None])["logits"][0].astype(np.float64)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+        single = len(masked) == 1
+        answers = []
+        for i, position in enumerate(masked):
+            row = []
+            for token in top[i]:
+                filled = ids.copy()
+                filled[position] = token
+                row.append(
+                    {
+                        "score": float(probs[i, token]),
+                        "token": int(token),
+                        "token_str": tok.decode([token]),
+                        "sequence": tok.decode(filled[filled != tok.pad_token_id], skip_special_tokens=single),
+                    }
+                )
+            answers.append(row)
+        return answers[0] if single else answers
