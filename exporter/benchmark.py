@@ -1,17 +1,26 @@
-"""Benchmarks shared by `utrexport bench` and the scripts under benchmarks/.
+"""Benchmarks behind `utrexport bench` and the scripts under benchmarks/.
 
-Figures are medians of repeated runs in one process; compare ratios measured in the same run.
+Every path is timed in one process, in alternating order (one call of each path per round), so that the
+ratios between paths are fair on a noisy machine. Figures are medians (and p90) of the rounds.
 """
 
 from __future__ import annotations
 
+import platform
+import resource
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable
+
+import numpy as np
 
 from utr_calibration import real_sequences
 
+SHAPES = ((1, 128), (1, 512), (8, 128), (32, 512))
 
+
+# ------------------------------------------------------------------------------------------------ timing
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
     """Wall-clock seconds of `repeats` calls after `warmup` untimed ones."""
     for _ in range(warmup):
@@ -29,12 +38,140 @@ def summary(times: list[float]) -> dict:
     return {"median_s": statistics.median(ordered), "p90_s": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], "runs": len(ordered)}
 
 
-def fixed_length_sequences(n: int, length: int) -> list[str]:
-    """n real 3'UTR stretches of exactly `length` nt, cut from the shipped sequences end to end."""
-    text = "".join(seq for _, seq in real_sequences("human_3utr_calibration.fa"))
-    while len(text) < n * length:
-        text += text
-    return [text[i * length : (i + 1) * length] for i in range(n)]
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------------------ ceiling
+def matmul_gflops(repeats: int = 7) -> float:
+    """This machine's fp32 matrix-multiply rate (NumPy, 2048x768 @ 768x3072: a BERT-base FFN at 2048 tokens)."""
+    a = np.random.default_rng(0).standard_normal((2048, 768), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((768, 3072), dtype=np.float32)
+    return 2 * 2048 * 768 * 3072 / summary(timed(lambda: a @ b, repeats, warmup=2))["median_s"] / 1e9
+
+
+def model_flops(config: dict, batch: int, length: int) -> float:
+    """Multiply-adds x2 of the encoder: projections and FFN per token, plus attention scores and mixing."""
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    per_token = layers * (2 * 4 * hidden * hidden + 2 * 2 * hidden * inter)  # ~170 MFLOP for BERT-base
+    attention = layers * 2 * 2 * length * hidden  # QK^T and AV, per token
+    return batch * length * (per_token + attention)
+
+
+# ------------------------------------------------------------------------------------------------ paths
+@dataclass
+class Path:
+    name: str
+    run: Callable[[np.ndarray, np.ndarray], object]  # (input_ids, attention_mask) -> anything
+
+
+def torch_paths(config: dict, threads: int) -> list[Path]:
+    """multimolecule's UtrBertModel (if installed) and this project's module, same architecture, random weights."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    torch.set_num_threads(threads)
+    from .network import UtrBert, UtrBertConfig
+
+    fields = {k: v for k, v in config.items() if k in UtrBertConfig.__dataclass_fields__}
+    ours = UtrBert(UtrBertConfig(**{**fields, "lm_head": False})).init_weights(0).eval()
+    paths = [Path("utrexport module (PyTorch)", _torch_call(lambda i, m: ours(i, m)))]
+    try:
+        import multimolecule
+    except ImportError:
+        return paths
+    mm_config = multimolecule.UtrBertConfig(
+        nmers=config["k"], hidden_size=config["hidden_size"], num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
+    )
+    reference = multimolecule.UtrBertModel(mm_config).eval()
+    return [Path("multimolecule (PyTorch)", _torch_call(lambda i, m: reference(i, attention_mask=m)))] + paths
+
+
+def _torch_call(fn):
+    import torch
+
+    def run(ids, mask):
+        with torch.inference_mode():
+            return fn(torch.from_numpy(ids), torch.from_numpy(mask))
+
+    return run
+
+
+def bundle_paths(bundle, device: str, threads: int, precisions=None) -> list[Path]:
+    import utr_runtime
+
+    paths = []
+    for precision in precisions or bundle.precisions:
+        model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads)
+        paths.append(Path(f"ONNX Runtime {precision} ({device})", lambda i, m, model=model: model.forward(i, m)))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def bench_shapes(paths: list[Path], config: dict, shapes, repeats: int, ceiling: float, log=lambda m: None) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch, length in shapes:
+        ids = rng.integers(6, 5 ** config["k"] + 6, size=(batch, length), dtype=np.int64)
+        ids[:, 0], ids[:, -1] = 1, 2
+        mask = np.ones_like(ids)
+        times = {p.name: [] for p in paths}
+        for p in paths:  # warm-up
+            p.run(ids, mask)
+        for _ in range(repeats):  # alternate: one call of each path per round
+            for p in paths:
+                start = time.perf_counter()
+                p.run(ids, mask)
+                times[p.name].append(time.perf_counter() - start)
+        flops = model_flops(config, batch, length)
+        base = statistics.median(times[paths[0].name])
+        for p in paths:
+            s = summary(times[p.name])
+            rows.append({
+                "shape": f"{batch}x{length}", "path": p.name, **s,
+                "tokens_per_s": batch * length / s["median_s"],
+                "gflops": flops / s["median_s"] / 1e9,
+                "fraction_of_ceiling": flops / s["median_s"] / 1e9 / ceiling,
+                "speedup_vs_first": base / s["median_s"],
+                "peak_rss_mib": peak_rss_mib(),
+            })
+        log(f"{batch}x{length}: " + ", ".join(f"{p.name} {statistics.median(times[p.name]) * 1e3:.0f} ms" for p in paths))
+    return rows
+
+
+def bench_end_to_end(model, n_sequences: int, repeats: int) -> list[dict]:
+    """Real 3'UTRs end to end (tokenize + window + batch + run): length-sorted batches vs every window padded to 512."""
+    seqs = [s for _, s in real_sequences("human_3utr_calibration.fa")][:n_sequences]
+    nt = sum(map(len, seqs))
+
+    runs = {"length-sorted batches": lambda: model.embed(seqs), "every window padded to 512": lambda: _embed_padded_to_max(model, seqs)}
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["every window padded to 512"])
+    return [
+        {"path": f"{model.precision} {name}", "sequences": len(seqs), "nucleotides": nt, **summary(t),
+         "nt_per_s": nt / statistics.median(t), "speedup_vs_padded": base / statistics.median(t)}
+        for name, t in times.items()
+    ]
+
+
+def _embed_padded_to_max(model, seqs: list[str], max_batch_tokens: int = 8192) -> None:
+    """The baseline: the same windows, in input order, every one padded to the model's maximum length."""
+    from utr_runtime.windows import split_windows
+
+    tok, window = model.tokenizer, model.max_tokens - 2
+    kmers = [ids[1:-1] for ids in tok.encode_batch(seqs)]
+    windows = [w for i, ids in enumerate(kmers) for w in split_windows(i, len(ids), window, 64)]
+    per_batch = max_batch_tokens // model.max_tokens
+    for first in range(0, len(windows), per_batch):
+        rows = [np.concatenate(([tok.cls_token_id], kmers[w.sequence][w.start : w.end], [tok.eos_token_id])) for w in windows[first : first + per_batch]]
+        model.forward(*tok.pad(rows, model.max_tokens))
 
 
 def tokenizer_speed(ks=(3, 6), n: int = 1000, length: int = 1000, repeats: int = 15) -> list[dict]:
@@ -46,15 +183,135 @@ def tokenizer_speed(ks=(3, 6), n: int = 1000, length: int = 1000, repeats: int =
     for k in ks:
         tokenizer = KmerTokenizer(k)
         ours = summary(timed(lambda: tokenizer(seqs, padding=True), repeats, warmup=3))
-        row = {"k": k, "sequences": n, "length_nt": length, "utr_runtime_s": ours["median_s"]}
+        row = {"k": k, "sequences": n, "length_nt": length, "utr_runtime_s": ours["median_s"], "reference_s": None, "speedup": None}
         try:
             from multimolecule import RnaTokenizer
         except ImportError:
-            row["reference_s"] = row["speedup"] = None
-        else:
-            ref_tok = RnaTokenizer(nmers=k)
-            ref = summary(timed(lambda: ref_tok(seqs, padding=True, return_tensors="np"), 3))
-            row["reference_s"] = ref["median_s"]
-            row["speedup"] = ref["median_s"] / ours["median_s"]
+            rows.append(row)
+            continue
+        ref_tok = RnaTokenizer(nmers=k)
+        row["reference_s"] = summary(timed(lambda: ref_tok(seqs, padding=True, return_tensors="np"), 3))["median_s"]
+        row["speedup"] = row["reference_s"] / row["utr_runtime_s"]
         rows.append(row)
     return rows
+
+
+def fixed_length_sequences(n: int, length: int) -> list[str]:
+    """n real 3'UTR stretches of exactly `length` nt, cut from the shipped sequences end to end."""
+    text = "".join(seq for _, seq in real_sequences("human_3utr_calibration.fa"))
+    while len(text) < n * length:
+        text += text
+    return [text[i * length : (i + 1) * length] for i in range(n)]
+
+
+def machine() -> dict:
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, device: str = "cpu", precisions=None,
+                  e2e_sequences: int = 24, torch: bool = True, tokenizer: bool = True, log=lambda m: None) -> dict:
+    """Everything in one process: ceiling, model paths per shape, end to end on real 3'UTRs, tokenizer."""
+    import datetime
+
+    import utr_runtime
+
+    if not isinstance(bundle, utr_runtime.Bundle):
+        bundle = utr_runtime.Bundle(bundle)
+    config = {**bundle.manifest["model"]["config"], "k": bundle.k}
+    log("measuring the fp32 matrix-multiply ceiling")
+    ceiling = matmul_gflops()
+    paths = (torch_paths(config, threads) if torch else []) + bundle_paths(bundle, device, threads, precisions)
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(), "threads": threads, "device": device,
+        "bundle": str(bundle.path), "model": {k: config[k] for k in ("k", "num_hidden_layers", "hidden_size")},
+        "trained": bundle.manifest["model"]["trained"], "ceiling_gflops": ceiling,
+        "flops_per_token_mflop": model_flops(config, 1, 1) / 1e6, "repeats": repeats,
+    }
+    result["shapes"] = bench_shapes(paths, config, shapes, repeats, ceiling, log)
+    result["end_to_end"] = []
+    if e2e_sequences:
+        for precision in precisions or bundle.precisions:
+            log(f"end to end on {e2e_sequences} real 3'UTRs ({precision})")
+            model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads)
+            result["end_to_end"] += bench_end_to_end(model, e2e_sequences, max(1, repeats // 2))
+    if tokenizer:
+        log("tokenizer: 1000 x 1000 nt")
+        result["tokenizer"] = tokenizer_speed(repeats=max(3, repeats))
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores; {result['threads']} threads; device {result['device']}; {result['date']}.",
+        f"Model: k={result['model']['k']}, {result['model']['num_hidden_layers']} layers, hidden {result['model']['hidden_size']} "
+        f"({'trained' if result['trained'] else 'random-init'} weights; speed does not depend on them), "
+        f"{result['flops_per_token_mflop']:.0f} MFLOP per token plus attention.",
+        f"Ceiling: NumPy fp32 matmul {result['ceiling_gflops']:.0f} GFLOP/s (2048x768 @ 768x3072). Medians of {result['repeats']} alternating rounds.",
+        "",
+        "| shape | path | median ms | p90 ms | tokens/s | GFLOP/s | of ceiling | vs first path | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["shapes"]:
+        lines.append(
+            f"| {r['shape']} | {r['path']} | {r['median_s'] * 1e3:.1f} | {r['p90_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['gflops']:.0f} | {r['fraction_of_ceiling']:.0%} | {r['speedup_vs_first']:.2f}x | {r['peak_rss_mib']:,.0f} |"
+        )
+    if result.get("end_to_end"):
+        lines += ["", "End to end on real human 3'UTRs (tokenize + window + batch + run + pool):", "",
+                  "| path | sequences | nt | median s | nt/s | vs padded to 512 |", "|---|---:|---:|---:|---:|---:|"]
+        for r in result["end_to_end"]:
+            lines.append(f"| {r['path']} | {r['sequences']} | {r['nucleotides']:,} | {r['median_s']:.2f} | {r['nt_per_s']:,.0f} | {r['speedup_vs_padded']:.2f}x |")
+    if result.get("tokenizer"):
+        lines += ["", tokenizer_table(result["tokenizer"])]
+    return "\n".join(lines) + "\n"
+
+
+def tokenizer_table(rows: list[dict]) -> str:
+    lines = ["Tokenizer, one batch call on 1000 real 3'UTR stretches of 1000 nt:", "",
+             "| k | utr_runtime ms | multimolecule ms | speed-up |", "|---:|---:|---:|---:|"]
+    for r in rows:
+        ref = f"{r['reference_s'] * 1e3:.0f}" if r["reference_s"] else "not installed"
+        up = f"{r['speedup']:.0f}x" if r["speedup"] else "-"
+        lines.append(f"| {r['k']} | {r['utr_runtime_s'] * 1e3:.1f} | {ref} | {up} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path) -> None:
+    """Throughput (tokens/s) per path and shape, as a grouped bar chart."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from utr_runtime.errors import UtrError
+
+        raise UtrError("--plot needs matplotlib: pip install matplotlib") from None
+    shapes = list(dict.fromkeys(r["shape"] for r in result["shapes"]))
+    paths = list(dict.fromkeys(r["path"] for r in result["shapes"]))
+    value = {(r["shape"], r["path"]): r["tokens_per_s"] for r in result["shapes"]}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(paths)
+    for j, p in enumerate(paths):
+        ax.bar([i + j * width for i in range(len(shapes))], [value.get((s, p), 0) for s in shapes], width, label=p)
+    ax.set_xticks([i + width * (len(paths) - 1) / 2 for i in range(len(shapes))], shapes)
+    ax.set_xlabel("batch x tokens")
+    ax.set_ylabel("tokens per second")
+    ax.set_title(f"3UTRBERT k={result['model']['k']} on {result['machine']['cpu']} ({result['threads']} threads)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

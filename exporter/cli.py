@@ -183,6 +183,48 @@ def fill_mask(bundle, text, top_k, precision, as_json) -> None:
             click.echo(f"  {guess['token_str']:<8} {guess['score']:.4f}")
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.option("--shapes", default="1x128,1x512,8x128,32x512", show_default=True, help="Comma-separated BATCHxTOKENS shapes.")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Alternating rounds per shape.")
+@click.option("--threads", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--precision", help="Comma-separated precisions [default: all in the bundle].")
+@click.option("--e2e-sequences", type=click.IntRange(0), default=24, show_default=True, help="Real 3'UTRs for the end-to-end run (0: skip).")
+@click.option("--no-torch", is_flag=True, help="Skip the PyTorch paths.")
+@click.option("--no-tokenizer", is_flag=True, help="Skip the tokenizer benchmark.")
+@click.option("--out", "out_prefix", type=click.Path(path_type=str), help="Write OUT.json and OUT.md (and OUT.png with --plot).")
+@click.option("--plot", is_flag=True, help="Also draw a PNG chart of throughput per path and shape.")
+@_fail_cleanly
+def bench(bundle, shapes, repeats, threads, device, precision, e2e_sequences, no_torch, no_tokenizer, out_prefix, plot) -> None:
+    """Time every path (PyTorch, ONNX Runtime per precision) and report against this machine's ceiling."""
+    import json
+
+    from . import benchmark
+
+    try:
+        shape_list = [tuple(int(x) for x in s.lower().split("x")) for s in shapes.split(",") if s.strip()]
+        assert shape_list and all(len(s) == 2 and min(s) >= 1 for s in shape_list)
+    except (ValueError, AssertionError):
+        raise CommandError(f"--shapes: expected BATCHxTOKENS,... (e.g. 1x128,8x128), got {shapes!r}") from None
+    precisions = [p.strip() for p in precision.split(",")] if precision else None
+    result = benchmark.run_benchmark(bundle, shape_list, repeats, threads, device, precisions, e2e_sequences,
+                                     torch=not no_torch, tokenizer=not no_tokenizer, log=_log)
+    report = benchmark.to_markdown(result)
+    click.echo(report)
+    if out_prefix:
+        from pathlib import Path
+
+        Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{out_prefix}.json").write_text(json.dumps(result, indent=1) + "\n")
+        Path(f"{out_prefix}.md").write_text(report)
+        if plot:
+            benchmark.plot(result, f"{out_prefix}.png")
+        _log(f"results written to {out_prefix}.json, {out_prefix}.md" + (f", {out_prefix}.png" if plot else ""))
+    elif plot:
+        raise CommandError("--plot needs --out PREFIX")
+
+
 class _Progress:
     """A one-line progress report, redrawn in place, on a terminal only."""
 

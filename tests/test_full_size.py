@@ -1,0 +1,47 @@
+"""One full-size (12-layer, hidden 768) k=6 build, checked against multimolecule with the same weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import utr_runtime
+from conftest import multimolecule, padded_real_batch
+from utrexport import checkpoints
+from utrexport.build import build_bundle
+
+ATOL = 1e-4  # the fp32 tolerance of parity.TOLERANCES, here against multimolecule itself
+
+
+@pytest.fixture(scope="module")
+def full_k6(tmp_path_factory):
+    ckpt = checkpoints.from_random_init(6, seed=0)
+    path = build_bundle(ckpt, tmp_path_factory.mktemp("full") / "utrbert-6mer", log=lambda m: None)
+    return ckpt, path
+
+
+def test_full_size_k6_bundle_verifies(full_k6):
+    _, path = full_k6
+    rows = utr_runtime.verify(path)
+    assert rows and all(r["passed"] for r in rows)
+    bundle = utr_runtime.Bundle(path)
+    assert bundle.manifest["model"]["trained"] is False
+    assert bundle.manifest["model"]["config"]["num_hidden_layers"] == 12
+    assert bundle.model_file("fp32").stat().st_size < 400 * 2**20  # tied embeddings stored once
+
+
+def test_full_size_k6_equals_multimolecule(full_k6):
+    ckpt, path = full_k6
+    mm = multimolecule()
+    reference = mm.UtrBertForPreTraining(mm.UtrBertConfig(nmers=6)).eval()
+    state = {("" if key.startswith("lm_head.") else "model.") + key: value for key, value in ckpt.state_dict.items()}
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected and all(key.startswith("lm_head.decoder") for key in missing)
+    batch = padded_real_batch(6, n=8, max_tokens=128)
+    with torch.no_grad():
+        expected = reference.model(torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(batch["attention_mask"]))
+    got = utr_runtime.load(path).forward(batch["input_ids"], batch["attention_mask"])
+    real = batch["attention_mask"].astype(bool)
+    assert np.abs(got["last_hidden_state"] - expected.last_hidden_state.numpy())[real].max() <= ATOL
+    assert np.abs(got["pooler_output"] - expected.pooler_output.numpy()).max() <= ATOL
