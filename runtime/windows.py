@@ -1,7 +1,8 @@
 """Long sequences as windows, and windows as length-sorted batches.
 
-A sequence of n k-mers longer than a window (max_tokens - 2 k-mers, room for <cls> and <eos>) is cut into
-windows of `window` k-mers that overlap by `overlap`; the last window ends at the sequence's end. When the
+A sequence of n k-mers longer than a window (max_tokens - 2 k-mers, room for <cls> and <eos>) is cut into the
+fewest windows that share at least `overlap` k-mers with their neighbours, all of the same length, spread
+evenly from the sequence's start to its end. When the
 outputs are put back together, each k-mer is taken from exactly one window: in an overlap, the left window
 keeps the first half and the right window the second, so every k-mer comes from the window in which it sits
 farther from the edge. Each window therefore *owns* a contiguous range of k-mers, and the owned ranges tile
@@ -13,6 +14,7 @@ Batches: windows are sorted by length (longest first) and packed greedily under 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,14 +34,19 @@ class Window:
 
 
 def window_bounds(n: int, window: int, overlap: int) -> list[tuple[int, int]]:
-    """(start, end) of each window over n k-mers: `window` long, `overlap` shared, the last one flush with the end."""
+    """(start, end) of each window over n k-mers: as few windows as keep `overlap` shared, all of one length.
+
+    Equal windows, rather than full ones with a short remainder, run fewer tokens: 600 k-mers become two
+    windows of 332, not two of 510.
+    """
     if window < 1 or not 0 <= overlap < window:
         raise ValueError(f"need window >= 1 and 0 <= overlap < window (got window={window}, overlap={overlap})")
     if n <= window:
         return [(0, n)]
-    stride = window - overlap
-    starts = list(range(0, n - window, stride)) + [n - window]
-    return [(s, s + window) for s in starts]
+    count = math.ceil((n - overlap) / (window - overlap))
+    length = math.ceil((n + (count - 1) * overlap) / count)  # <= window; consecutive windows share >= overlap
+    step = (n - length) / (count - 1)
+    return [(round(i * step), round(i * step) + length) for i in range(count)]
 
 
 def split_windows(sequence: int, n: int, window: int, overlap: int) -> list[Window]:
