@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -22,16 +23,28 @@ from utr_runtime.verify import verify
 
 from .checkpoints import Checkpoint
 from .onnx_export import OPSET, export_onnx
+from .precision import CALIBRATION_METHODS, FP16_SCHEME, INT8_SCHEMES, export_fp16, quantize_int8
 
 # Parity fixtures: held-out real sequences (never used for calibration), cut to these token counts so that the
 # padded batch holds a full-length row, a long, a medium and a short one.
 FIXTURE_SOURCES = ("utrbert_seq_to_extract.fasta", "human_mrna_full_length.fasta")
-FIXTURE_LENGTHS = (512, 300, 128, 40)
-MASKS_PER_ROW = 3
+FIXTURE_LENGTHS = (512, 450, 384, 300, 200, 128, 64, 24)
+MASKS_PER_ROW = 8
 
 
 class BuildError(UtrError):
     pass
+
+
+@dataclass
+class Calibration:
+    """Where INT8 calibration windows come from (see utr_calibration.calibration_windows)."""
+
+    sequences: list[str] | None = None  # None: the shipped human 3'UTRs
+    source: str = "shipped human 3'UTRs (utr_calibration)"
+    size: int = 64
+    seed: int = 0
+    method: str = "entropy"
 
 
 def build_bundle(
@@ -40,6 +53,7 @@ def build_bundle(
     precisions: tuple[str, ...] = ("fp32",),
     force: bool = False,
     log: Callable[[str], None] = print,
+    calibration: Calibration | None = None,
 ) -> Path:
     """Write a verified bundle for `checkpoint` at `output`; nothing is left at `output` unless it verifies."""
     output = Path(output)
@@ -48,28 +62,38 @@ def build_bundle(
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         raise BuildError(f"unknown precision {unknown}; choose from {', '.join(PRECISIONS)}")
+    calibration = calibration or Calibration()
+    if calibration.method not in CALIBRATION_METHODS:
+        raise BuildError(f"unknown calibration method {calibration.method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
     output.parent.mkdir(parents=True, exist_ok=True)
     work = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        _build_into(work, checkpoint, precisions, log)
+        _build_into(work, checkpoint, precisions, calibration, log)
         _replace(work, output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return output
 
 
-def _build_into(work: Path, checkpoint: Checkpoint, precisions, log) -> None:
+def _build_into(work: Path, checkpoint: Checkpoint, precisions, calibration: Calibration, log) -> None:
     config = checkpoint.config
     model = checkpoint.module()
     tokenizer = KmerTokenizer(config.k)
     tokenizer.save(work / "tokenizer.json")
 
+    models = {}
     log(f"exporting fp32 ONNX ({config.num_hidden_layers} layers, hidden {config.hidden_size}, k={config.k})")
-    start = time.perf_counter()
-    ops = export_onnx(model, work / "model.fp32.onnx")
-    models = {"fp32": {"file": "model.fp32.onnx", "opset": OPSET, "export_seconds": round(time.perf_counter() - start, 1), "ops": ops}}
+    models["fp32"] = _timed_export(lambda path: export_onnx(model, path), work / "model.fp32.onnx")
+    if "fp16" in precisions:
+        log("exporting fp16 ONNX")
+        models["fp16"] = {**_timed_export(lambda path: export_fp16(model, path), work / "model.fp16.onnx"), "scheme": FP16_SCHEME}
+    if "int8" in precisions:
+        models["int8"] = _quantize(work, config.k, calibration, log)
+    if "fp32" not in precisions:  # exported only as the source of the others
+        (work / "model.fp32.onnx").unlink()
+        del models["fp32"]
 
     log("computing parity fixtures on held-out real sequences (PyTorch, float32)")
     np.savez(work / "fixtures.npz", **make_fixtures(model, tokenizer))
@@ -80,9 +104,37 @@ def _build_into(work: Path, checkpoint: Checkpoint, precisions, log) -> None:
     rows = verify(Bundle(work))
     manifest["parity"] = rows
     write_manifest(work, manifest)
-    failed = [f"{r['precision']} {r['output']}" for r in rows if not r["passed"]]
+    failed = sorted({f"{r['precision']} {r['output']}" for r in rows if not r["passed"]})
     if failed:
+        from utr_runtime.parity import format_table
+
+        log("parity results:\n" + format_table(rows))
         raise BuildError(f"parity check failed for {', '.join(failed)}; the bundle was not written")
+
+
+def _timed_export(export, path: Path) -> dict:
+    start = time.perf_counter()
+    ops = export(path)
+    return {"file": path.name, "opset": OPSET, "export_seconds": round(time.perf_counter() - start, 1), "ops": ops}
+
+
+def _quantize(work: Path, k: int, calibration: Calibration, log) -> dict:
+    from utr_calibration import calibration_windows
+
+    rows = calibration_windows(k, calibration.size, calibration.seed, calibration.sequences)
+    record = {**{key: value for key, value in asdict(calibration).items() if key != "sequences"}, "windows": len(rows),
+              "tokens": int(sum(map(len, rows))), "lengths": [int(min(map(len, rows))), int(max(map(len, rows)))]}
+    entry = {"file": "model.int8.onnx", "opset": OPSET, "scheme": INT8_SCHEMES["tensorrt"], "calibration": record, "variants": {}}
+    for scheme, name in (("tensorrt", "model.int8.onnx"), ("cpu", "model.int8-cpu.onnx")):
+        log(f"calibrating int8 ({scheme} scheme, {calibration.method}, {len(rows)} real windows)")
+        start = time.perf_counter()
+        quantize_int8(work / "model.fp32.onnx", work / name, rows, scheme, calibration.method)
+        seconds = round(time.perf_counter() - start, 1)
+        if scheme == "tensorrt":
+            entry["quantize_seconds"] = seconds
+        else:
+            entry["variants"]["cpu"] = {"file": name, "scheme": INT8_SCHEMES["cpu"], "quantize_seconds": seconds}
+    return entry
 
 
 def make_fixtures(model, tokenizer: KmerTokenizer) -> dict[str, np.ndarray]:

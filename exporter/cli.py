@@ -56,10 +56,13 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-init.")
 @click.option("--layers", type=click.IntRange(1, 48), default=12, show_default=True, help="Layers for --random-init.")
 @click.option("--precision", default="fp32", show_default=True, help="Comma-separated subset of fp32,fp16,int8.")
+@click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False, path_type=str), help="INT8 calibration sequences (FASTA/TSV) [default: the shipped human 3'UTRs].")
+@click.option("--calibration-size", type=click.IntRange(4, 4096), default=64, show_default=True, help="Calibration windows.")
+@click.option("--calibration-method", type=click.Choice(["entropy", "percentile", "minmax"]), default="entropy", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=str), help="Bundle folder [default: bundles/utrbert-{K}mer[-random]].")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @_fail_cleanly
-def build(k, checkpoint, hub_id, random_init, seed, layers, precision, output, force) -> None:
+def build(k, checkpoint, hub_id, random_init, seed, layers, precision, calibration_file, calibration_size, calibration_method, output, force) -> None:
     """Export a checkpoint to a verified bundle folder."""
     k = int(k)
     if sum(bool(x) for x in (checkpoint, hub_id, random_init)) > 1:
@@ -74,7 +77,17 @@ def build(k, checkpoint, hub_id, random_init, seed, layers, precision, output, f
         raise CommandError(f"{output} exists; pass --force to replace it")
 
     from . import checkpoints
-    from .build import build_bundle
+    from .build import Calibration, build_bundle
+
+    calibration = Calibration(size=calibration_size, seed=seed, method=calibration_method)
+    if calibration_file:
+        from utr_runtime.sequences import read_sequences
+        from utr_runtime.bundle import sha256_file
+
+        calibration.sequences = [s for _, s in read_sequences(calibration_file)]
+        calibration.source = f"{calibration_file} (sha256 {sha256_file(calibration_file)[:16]}...)"
+        if "int8" not in precisions:
+            raise CommandError("--calibration applies to --precision int8 only")
 
     if random_init:
         _log(f"random-init {k}-mer model, seed {seed}, {layers} layers (untrained)")
@@ -86,7 +99,7 @@ def build(k, checkpoint, hub_id, random_init, seed, layers, precision, output, f
         hub_id = hub_id or f"multimolecule/utrbert-{k}mer"
         _log(f"fetching {hub_id} from the model hub")
         ckpt = checkpoints.from_hub(hub_id, k)
-    path = build_bundle(ckpt, output, precisions, force=force, log=_log)
+    path = build_bundle(ckpt, output, precisions, force=force, log=_log, calibration=calibration)
     _print_parity(_read_parity(path))
     click.echo(f"bundle written to {path}")
 

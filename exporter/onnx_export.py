@@ -17,6 +17,8 @@ from .network import UtrBert
 
 OPSET = 23
 FORBIDDEN_OPS = ("CumSum",)  # left-overs of mask/position sub-graphs that the export must not produce
+# Attention attributes written at their defaults that TensorRT's ONNX parser (10.14+) lists as unsupported.
+ATTENTION_DEFAULTS = {"qk_matmul_output_mode": 0, "softcap": 0.0, "is_causal": 0}
 
 
 class ExportError(UtrError):
@@ -40,7 +42,7 @@ def export_onnx(model: UtrBert, path: str | os.PathLike) -> dict:
     shapes = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
     if model.lm_head is not None:
         shapes["mask_positions"] = {0: batch, 1: torch.export.Dim("positions")}
-    with _quiet():
+    with quiet():
         program = torch.onnx.export(
             model.eval(),
             example_inputs(model),
@@ -51,6 +53,7 @@ def export_onnx(model: UtrBert, path: str | os.PathLike) -> dict:
             output_names=model.output_names,
             dynamic_shapes=shapes,
         )
+        _drop_default_attention_attributes(program.model)
         program.save(os.fspath(path))
     graph = onnx.load(os.fspath(path), load_external_data=False).graph
     ops = collections.Counter(node.op_type for node in graph.node)
@@ -62,10 +65,19 @@ def export_onnx(model: UtrBert, path: str | os.PathLike) -> dict:
     return dict(sorted(ops.items()))
 
 
+def _drop_default_attention_attributes(model) -> None:
+    for node in model.graph:
+        if node.op_type == "Attention":
+            for name, default in ATTENTION_DEFAULTS.items():
+                attribute = node.attributes.get(name)
+                if attribute is not None and attribute.value == default:
+                    del node.attributes[name]
+
+
 @contextlib.contextmanager
-def _quiet():
-    """torch.onnx prints progress and warnings about unrelated packages (torchvision): keep the CLI's output clean."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+def quiet():
+    """torch.onnx and ORT's quantizer print progress and warnings about unrelated packages: keep the CLI's output clean."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "root")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

@@ -72,11 +72,23 @@ class Bundle:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def model_file(self, precision: str) -> Path:
+    def model_file(self, precision: str, device: str = "cpu") -> Path:
+        """The ONNX file of a precision; where the manifest names a variant for this device (int8 on "cpu"), that one."""
+        return self.file(self._model_entry(precision, device)["file"])
+
+    def model_variants(self, precision: str) -> dict[str, Path]:
+        """Every ONNX file of a precision, by label: the precision itself and "<precision>/<variant>"."""
+        entry = self._model_entry(precision)
+        files = {precision: self.file(entry["file"])}
+        files.update({f"{precision}/{name}": self.file(v["file"]) for name, v in entry.get("variants", {}).items()})
+        return files
+
+    def _model_entry(self, precision: str, device: str | None = None) -> dict:
         if precision not in self.manifest["models"]:
             present = ", ".join(self.precisions) or "none"
             raise BundleError(f"{self.path}: no {precision} model in this bundle (present: {present}); rebuild with --precision {precision}")
-        return self.file(self.manifest["models"][precision]["file"])
+        entry = self.manifest["models"][precision]
+        return entry.get("variants", {}).get(device, entry) if device else entry
 
     def tokenizer(self) -> KmerTokenizer:
         try:

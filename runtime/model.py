@@ -28,7 +28,7 @@ def load(bundle: str | os.PathLike | Bundle, precision: str = "fp32", device: st
 
         runner = open_engine_runner(bundle, precision)
     else:
-        runner = open_runner(bundle.model_file(precision), device=device, threads=threads)
+        runner = open_runner(bundle.model_file(precision, device), device=device, threads=threads)
     return Model(bundle, runner, precision, device)
 
 

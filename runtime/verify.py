@@ -26,16 +26,31 @@ def load_fixtures(bundle: Bundle) -> dict[str, np.ndarray]:
 
 
 def verify(bundle: Bundle | str | os.PathLike, precisions=None, device: str = "cpu", threads: int | None = None) -> list[dict]:
-    """Comparison rows (with a 'precision' key) of each precision's outputs against the PyTorch reference outputs."""
+    """Comparison rows (with a 'precision' key) of every model file's outputs against the PyTorch reference outputs.
+
+    Besides the raw outputs, the mean-pooled embedding (what `embed` returns) is compared as `mean_pooled`.
+    """
     if not isinstance(bundle, Bundle):
         bundle = Bundle(bundle)
     fixtures = load_fixtures(bundle)
     feeds = {k: v for k, v in fixtures.items() if k in FIXTURE_INPUTS}
+    mask = fixtures["attention_mask"]
     reference = {k: v for k, v in fixtures.items() if k in bundle.output_names}
+    reference["mean_pooled"] = mean_pooled(reference["last_hidden_state"], mask)
     rows = []
     for precision in precisions or bundle.precisions:
-        runner = open_runner(bundle.model_file(precision), device=device, threads=threads)
-        candidate = runner.run(feeds)
-        for result in compare(reference, candidate, TOLERANCES[precision], fixtures["attention_mask"]):
-            rows.append({"precision": precision, **result.as_dict()})
+        for label, model_file in bundle.model_variants(precision).items():
+            candidate = open_runner(model_file, device=device, threads=threads).run(feeds)
+            candidate["mean_pooled"] = mean_pooled(candidate["last_hidden_state"], mask)
+            for result in compare(reference, candidate, TOLERANCES[precision], mask):
+                rows.append({"precision": label, **result.as_dict()})
     return rows
+
+
+def mean_pooled(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """Mean of each row's k-mer vectors: real tokens without the first (<cls>) and last (<eos>)."""
+    kmers = attention_mask.astype(bool).copy()
+    lengths = kmers.sum(1)
+    kmers[:, 0] = False
+    kmers[np.arange(len(kmers)), lengths - 1] = False
+    return (hidden * kmers[..., None]).sum(1) / np.maximum(kmers.sum(1), 1)[:, None]

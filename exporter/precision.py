@@ -1,0 +1,100 @@
+"""FP16 and INT8 models: precision lives in the ONNX file itself (what TensorRT 10.12+/11 strongly typed networks read).
+
+fp16: the module is exported in half precision: weights, matmuls, attention and residuals in fp16, LayerNorm
+      statistics in fp32 (LayerNormalization stash_type=1), int64 inputs and fp32 outputs, as fp32's.
+int8: explicit Q/DQ on the encoder's MatMul inputs (the LM head and pooler stay float: small, and the head's
+      output feeds a softmax), calibrated on real 3'UTR windows. Two schemes of one calibration, because the
+      hardware that runs them wants different ones (measured, see docs/benchmarks.md):
+        tensorrt: symmetric int8 activations and per-channel int8 weights, all zero-points 0: TensorRT's rules.
+                  ONNX Runtime on x86 CPUs runs it no faster than fp32.
+        cpu:      asymmetric uint8 activations, per-tensor symmetric int8 weights: ONNX Runtime's fast x86 path
+                  (u8s8 integer matmuls), about 2x fp32 there. Not for TensorRT (zero-points are not 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import torch
+
+from .network import UtrBert
+from .onnx_export import export_onnx, quiet
+
+INT8_SCHEMES = {
+    "tensorrt": "symmetric int8 activations (zero-point 0), per-channel symmetric int8 weights; TensorRT explicit quantization",
+    "cpu": "asymmetric uint8 activations, per-tensor symmetric int8 weights; ONNX Runtime x86 u8s8 kernels",
+}
+FP16_SCHEME = "fp16 weights and activations, LayerNorm statistics in fp32 (stash_type=1), int64 inputs, fp32 outputs"
+CALIBRATION_METHODS = ("entropy", "percentile", "minmax")
+
+
+class _FloatOutputs(torch.nn.Module):
+    """The half-precision module with fp32 outputs, so every precision has the same interface."""
+
+    def __init__(self, inner: UtrBert):
+        super().__init__()
+        self.inner = inner
+        self.config, self.lm_head = inner.config, inner.lm_head
+        self.input_names, self.output_names = inner.input_names, inner.output_names
+
+    def forward(self, input_ids, attention_mask, mask_positions=None):
+        args = (input_ids, attention_mask) + ((mask_positions,) if self.lm_head is not None else ())
+        return tuple(o.float() for o in self.inner(*args))
+
+
+def export_fp16(model: UtrBert, path: str | os.PathLike) -> dict:
+    return export_onnx(_FloatOutputs(copy.deepcopy(model).half()), path)
+
+
+def quantize_int8(fp32_file, out_file, rows: list[np.ndarray], scheme: str, method: str = "entropy") -> None:
+    """Q/DQ int8 model from the fp32 ONNX file, calibrated on `rows` (token ids with <cls>/<eos>) one at a time."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if scheme not in INT8_SCHEMES:
+        raise ValueError(f"unknown int8 scheme {scheme!r}")
+    wants_positions = _has_input(fp32_file, "mask_positions")
+
+    class Rows(CalibrationDataReader):
+        """One window per run. Fed to the calibrator one at a time (set_range, stride 1): ORT's histogram
+        calibrators stack each tensor's values across the runs of one pass, which fails for windows of
+        different lengths."""
+
+        def __init__(self):
+            self.start, self.end = 0, len(rows)
+
+        def __len__(self):
+            return len(rows)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.start, self.end = start_index, end_index
+
+        def get_next(self):
+            if self.start >= self.end:
+                return None
+            row = rows[self.start]
+            self.start += 1
+            feeds = {"input_ids": row[None].astype(np.int64), "attention_mask": np.ones((1, len(row)), np.int64)}
+            if wants_positions:
+                feeds["mask_positions"] = np.zeros((1, 1), np.int64)
+            return feeds
+
+    options = {
+        "tensorrt": dict(activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True}),
+        "cpu": dict(activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=False,
+                    extra_options={"WeightSymmetric": True}),
+    }[scheme]
+    calibrate = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile, "minmax": CalibrationMethod.MinMax}[method]
+    with quiet():
+        quantize_static(
+            os.fspath(fp32_file), os.fspath(out_file), Rows(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+        calibrate_method=calibrate, **{**options, "extra_options": {**options["extra_options"], "CalibStridedMinMax": 1}},
+        )
+
+
+def _has_input(onnx_file, name: str) -> bool:
+    import onnx
+
+    return any(i.name == name for i in onnx.load(os.fspath(onnx_file), load_external_data=False).graph.input)
