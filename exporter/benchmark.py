@@ -6,6 +6,7 @@ ratios between paths are fair on a noisy machine. Figures are medians (and p90) 
 
 from __future__ import annotations
 
+import copy
 import platform
 import resource
 import statistics
@@ -65,8 +66,11 @@ class Path:
     run: Callable[[np.ndarray, np.ndarray], object]  # (input_ids, attention_mask) -> anything
 
 
-def torch_paths(config: dict, threads: int) -> list[Path]:
-    """multimolecule's UtrBertModel (if installed) and this project's module, same architecture, random weights."""
+def torch_paths(config: dict, threads: int, device: str = "cpu") -> list[Path]:
+    """multimolecule's UtrBertModel (if installed) and this project's module, same architecture, random weights.
+
+    On a GPU device ("cuda", "tensorrt") they run on CUDA, the module also in fp16, the fair baselines there.
+    """
     try:
         import torch
     except ImportError:
@@ -74,9 +78,13 @@ def torch_paths(config: dict, threads: int) -> list[Path]:
     torch.set_num_threads(threads)
     from .network import UtrBert, UtrBertConfig
 
+    where = "cuda" if device != "cpu" else "cpu"
     fields = {k: v for k, v in config.items() if k in UtrBertConfig.__dataclass_fields__}
-    ours = UtrBert(UtrBertConfig(**{**fields, "lm_head": False})).init_weights(0).eval()
-    paths = [Path("utrexport module (PyTorch)", _torch_call(lambda i, m: ours(i, m)))]
+    ours = UtrBert(UtrBertConfig(**{**fields, "lm_head": False})).init_weights(0).eval().to(where)
+    paths = [Path(f"utrexport module (PyTorch {where})", _torch_call(lambda i, m: ours(i, m), where))]
+    if where == "cuda":
+        half = copy.deepcopy(ours).half()
+        paths.append(Path("utrexport module (PyTorch cuda fp16)", _torch_call(lambda i, m: half(i, m), where)))
     try:
         import multimolecule
     except ImportError:
@@ -85,16 +93,19 @@ def torch_paths(config: dict, threads: int) -> list[Path]:
         nmers=config["k"], hidden_size=config["hidden_size"], num_hidden_layers=config["num_hidden_layers"],
         num_attention_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
     )
-    reference = multimolecule.UtrBertModel(mm_config).eval()
-    return [Path("multimolecule (PyTorch)", _torch_call(lambda i, m: reference(i, attention_mask=m)))] + paths
+    reference = multimolecule.UtrBertModel(mm_config).eval().to(where)
+    return [Path(f"multimolecule (PyTorch {where})", _torch_call(lambda i, m: reference(i, attention_mask=m), where))] + paths
 
 
-def _torch_call(fn):
+def _torch_call(fn, where: str = "cpu"):
     import torch
 
     def run(ids, mask):
         with torch.inference_mode():
-            return fn(torch.from_numpy(ids), torch.from_numpy(mask))
+            out = fn(torch.from_numpy(ids).to(where), torch.from_numpy(mask).to(where))
+            if where == "cuda":
+                torch.cuda.synchronize()
+            return out
 
     return run
 
@@ -103,9 +114,11 @@ def bundle_paths(bundle, device: str, threads: int, precisions=None) -> list[Pat
     import utr_runtime
 
     paths = []
-    for precision in precisions or bundle.precisions:
+    available = list(bundle.manifest.get("engines", {})) if device == "tensorrt" else bundle.precisions
+    for precision in precisions or available:
         model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads)
-        paths.append(Path(f"ONNX Runtime {precision} ({device})", lambda i, m, model=model: model.forward(i, m)))
+        engine = "TensorRT" if device == "tensorrt" else f"ONNX Runtime ({device})"
+        paths.append(Path(f"{engine} {precision}", lambda i, m, model=model: model.forward(i, m)))
     return paths
 
 
@@ -238,7 +251,7 @@ def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, dev
     config = {**bundle.manifest["model"]["config"], "k": bundle.k}
     log("measuring the fp32 matrix-multiply ceiling")
     ceiling = matmul_gflops()
-    paths = (torch_paths(config, threads) if torch else []) + bundle_paths(bundle, device, threads, precisions)
+    paths = (torch_paths(config, threads, device) if torch else []) + bundle_paths(bundle, device, threads, precisions)
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "threads": threads, "device": device,

@@ -91,6 +91,7 @@ def _build_into(work: Path, checkpoint: Checkpoint, precisions, calibration: Cal
         models["fp16"] = {**_timed_export(lambda path: export_fp16(model, path), work / "model.fp16.onnx"), "scheme": FP16_SCHEME}
     if "int8" in precisions:
         models["int8"] = _quantize(work, config.k, calibration, log)
+    _record_tensorrt_readiness(work, models)
     if "fp32" not in precisions:  # exported only as the source of the others
         (work / "model.fp32.onnx").unlink()
         del models["fp32"]
@@ -110,6 +111,17 @@ def _build_into(work: Path, checkpoint: Checkpoint, precisions, calibration: Cal
 
         log("parity results:\n" + format_table(rows))
         raise BuildError(f"parity check failed for {', '.join(failed)}; the bundle was not written")
+
+
+def _record_tensorrt_readiness(work: Path, models: dict) -> None:
+    """Whether TensorRT's ONNX parser would take each model (the CPU int8 scheme is not meant to be)."""
+    from .tensorrt_check import check_model
+
+    for entry in [*models.values(), *(v for m in models.values() for v in m.get("variants", {}).values())]:
+        findings = check_model(work / entry["file"])
+        entry["tensorrt_ready"] = not findings
+        if findings:
+            entry["tensorrt_findings"] = [str(f) for f in findings[:5]] + ([f"... {len(findings) - 5} more"] if len(findings) > 5 else [])
 
 
 def _timed_export(export, path: Path) -> dict:

@@ -55,7 +55,7 @@ def main() -> None:
 @click.option("--random-init", is_flag=True, help="Seeded random weights (untrained; works offline).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-init.")
 @click.option("--layers", type=click.IntRange(1, 48), default=12, show_default=True, help="Layers for --random-init.")
-@click.option("--precision", default="fp32", show_default=True, help="Comma-separated subset of fp32,fp16,int8.")
+@click.option("--precision", default="fp32,fp16,int8", show_default=True, help="Comma-separated subset of fp32,fp16,int8.")
 @click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False, path_type=str), help="INT8 calibration sequences (FASTA/TSV) [default: the shipped human 3'UTRs].")
 @click.option("--calibration-size", type=click.IntRange(4, 4096), default=64, show_default=True, help="Calibration windows.")
 @click.option("--calibration-method", type=click.Choice(["entropy", "percentile", "minmax"]), default="entropy", show_default=True)
@@ -107,7 +107,7 @@ def build(k, checkpoint, hub_id, random_init, seed, layers, precision, calibrati
 @main.command("verify")
 @click.argument("bundle", type=click.Path(path_type=str))
 @click.option("--precision", help="Comma-separated precisions to check [default: all in the bundle].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True, help="tensorrt: the bundle's engines.")
 @_fail_cleanly
 def verify_command(bundle, precision, device) -> None:
     """Check checksums and run the parity fixtures of every precision; exit 1 on any failure."""
@@ -119,6 +119,21 @@ def verify_command(bundle, precision, device) -> None:
     if not all(r["passed"] for r in rows):
         raise CommandError("verification FAILED")
     click.echo("verification passed")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True)
+@click.option("--profile", "profiles", multiple=True, metavar="MIN,OPT,MAX",
+              help="Optimization profile as BATCHxTOKENS triples, repeatable [default: 1x8,32x128,128x128 and 1x129,8x512,32x512].")
+@_fail_cleanly
+def engine(bundle, precision, profiles) -> None:
+    """Build a TensorRT engine from the bundle's ONNX model of one precision (needs a GPU and TensorRT 10.14+)."""
+    from .tensorrt_build import DEFAULT_PROFILES, build_engine, parse_profile
+
+    parsed = tuple(parse_profile(p) for p in profiles) or DEFAULT_PROFILES
+    build_engine(bundle, precision, parsed, log=_log)
+    click.echo(f"verify it with: utrexport verify {bundle} --device tensorrt")
 
 
 @main.command()

@@ -38,13 +38,28 @@ def verify(bundle: Bundle | str | os.PathLike, precisions=None, device: str = "c
     reference = {k: v for k, v in fixtures.items() if k in bundle.output_names}
     reference["mean_pooled"] = mean_pooled(reference["last_hidden_state"], mask)
     rows = []
+    for label, precision, runner in _runners(bundle, precisions, device, threads):
+        candidate = runner.run(feeds)
+        candidate["mean_pooled"] = mean_pooled(candidate["last_hidden_state"], mask)
+        for result in compare(reference, candidate, TOLERANCES[precision], mask):
+            rows.append({"precision": label, **result.as_dict()})
+    return rows
+
+
+def _runners(bundle: Bundle, precisions, device: str, threads):
+    """(label, precision, runner) for every model file of each precision, or every engine on device="tensorrt"."""
+    if device == "tensorrt":
+        from .engines.tensorrt import open_engine_runner
+
+        engines = bundle.manifest.get("engines", {})
+        if not engines:
+            raise BundleError(f"{bundle.path}: no TensorRT engines; build them with: utrexport engine {bundle.path} --precision fp16")
+        for precision in precisions or list(engines):
+            yield f"{precision}/tensorrt", precision, open_engine_runner(bundle, precision)
+        return
     for precision in precisions or bundle.precisions:
         for label, model_file in bundle.model_variants(precision).items():
-            candidate = open_runner(model_file, device=device, threads=threads).run(feeds)
-            candidate["mean_pooled"] = mean_pooled(candidate["last_hidden_state"], mask)
-            for result in compare(reference, candidate, TOLERANCES[precision], mask):
-                rows.append({"precision": label, **result.as_dict()})
-    return rows
+            yield label, precision, open_runner(model_file, device=device, threads=threads)
 
 
 def mean_pooled(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

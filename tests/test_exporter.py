@@ -254,7 +254,7 @@ def test_existing_bundle_is_kept_without_force(tiny_checkpoint, tmp_path):
     result = CliRunner().invoke(main, ["build", "--kmer", "3", "--checkpoint", str(folder), "-o", str(out)])
     assert result.exit_code == 1 and "--force" in result.output
     assert (out / "keep.txt").read_text() == "mine"
-    result = CliRunner().invoke(main, ["build", "--kmer", "3", "--checkpoint", str(folder), "-o", str(out), "--force"])
+    result = CliRunner().invoke(main, ["build", "--kmer", "3", "--checkpoint", str(folder), "-o", str(out), "--force", "--precision", "fp32"])
     assert result.exit_code == 0, result.output
     assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"], "no temporary folders left behind"
@@ -276,7 +276,7 @@ def test_hub_id_through_an_offline_cache(tiny_checkpoint, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    done = run_cli(["build", "--kmer", "3", "-o", str(tmp_path / "b")], env)
+    done = run_cli(["build", "--kmer", "3", "--precision", "fp32", "-o", str(tmp_path / "b")], env)
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["model"]["source"]["kind"] == "hub" and manifest["model"]["source"]["id"] == "multimolecule/utrbert-3mer"

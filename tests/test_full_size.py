@@ -17,18 +17,21 @@ ATOL = 1e-4  # the fp32 tolerance of parity.TOLERANCES, here against multimolecu
 @pytest.fixture(scope="module")
 def full_k6(tmp_path_factory):
     ckpt = checkpoints.from_random_init(6, seed=0)
-    path = build_bundle(ckpt, tmp_path_factory.mktemp("full") / "utrbert-6mer", log=lambda m: None)
+    path = build_bundle(ckpt, tmp_path_factory.mktemp("full") / "utrbert-6mer", ("fp32", "fp16", "int8"), log=lambda m: None)
     return ckpt, path
 
 
 def test_full_size_k6_bundle_verifies(full_k6):
+    """fp32, fp16 and both int8 schemes within their tolerances (parity.TOLERANCES) on held-out real sequences."""
     _, path = full_k6
     rows = utr_runtime.verify(path)
-    assert rows and all(r["passed"] for r in rows)
+    assert {r["precision"] for r in rows} == {"fp32", "fp16", "int8", "int8/cpu"}
+    assert all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]
     bundle = utr_runtime.Bundle(path)
     assert bundle.manifest["model"]["trained"] is False
     assert bundle.manifest["model"]["config"]["num_hidden_layers"] == 12
     assert bundle.model_file("fp32").stat().st_size < 400 * 2**20  # tied embeddings stored once
+    assert bundle.model_file("int8").stat().st_size < 0.35 * bundle.model_file("fp32").stat().st_size
 
 
 def test_full_size_k6_equals_multimolecule(full_k6):

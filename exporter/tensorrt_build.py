@@ -1,0 +1,106 @@
+"""Bundle ONNX model -> TensorRT engine (TensorRT 10.14+ / 11 Python API), recorded in the bundle's manifest.
+
+Networks are strongly typed: precision comes from the ONNX file (fp16 tensors, int8 Q/DQ), not from builder
+flags (TensorRT 11 removed the FP16/INT8 flags and calibrators; 10.x still needs the STRONGLY_TYPED creation
+flag, 11 ignores it). One optimization profile per (min, opt, max) shape range of (batch, tokens); the runtime
+picks the first profile that fits a batch. A timing cache beside the engine makes rebuilds fast.
+Engines are tied to the GPU and the TensorRT version that built them; the manifest records both.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from utr_runtime.bundle import Bundle, sha256_file, write_manifest
+from utr_runtime.engines.tensorrt import cuda_device, import_tensorrt
+from utr_runtime.errors import UtrError
+
+from .tensorrt_check import check_model
+
+# (batch, tokens) ranges: short windows in large batches, long windows in smaller ones.
+DEFAULT_PROFILES = (((1, 8), (32, 128), (128, 128)), ((1, 129), (8, 512), (32, 512)))
+TIMING_CACHE = "tensorrt.timing-cache"
+
+
+class EngineError(UtrError):
+    pass
+
+
+def parse_profile(text: str) -> tuple[tuple[int, int], ...]:
+    """'1x8,32x128,128x128' -> ((1, 8), (32, 128), (128, 128)): min, opt and max (batch x tokens)."""
+    try:
+        shapes = tuple(tuple(int(v) for v in part.lower().split("x")) for part in text.split(","))
+        assert len(shapes) == 3 and all(len(s) == 2 and min(s) >= 1 for s in shapes)
+        assert all(a <= b for lo, hi in zip(shapes, shapes[1:]) for a, b in zip(lo, hi))
+    except (ValueError, AssertionError):
+        raise EngineError(f"profile {text!r}: expected MIN,OPT,MAX as BATCHxTOKENS, each at least the one before (e.g. 1x8,32x128,128x128)") from None
+    return shapes
+
+
+def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=print) -> Path:
+    """Build, write and record `engine.<precision>.plan`; returns its path."""
+    bundle = Bundle(bundle_path)
+    onnx_file = bundle.model_file(precision, device="tensorrt")
+    findings = check_model(onnx_file)
+    if findings:
+        raise EngineError(f"{onnx_file.name} is not TensorRT-ready: {findings[0]} (and {len(findings) - 1} more)")
+    for profile in profiles:
+        if profile[2][1] > bundle.max_tokens:
+            raise EngineError(f"profile max {profile[2][1]} tokens exceeds the model's {bundle.max_tokens}")
+    trt = import_tensorrt()
+    device = cuda_device()
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # required in 10.x, deprecated (always on) in 11
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    log(f"parsing {onnx_file.name} into a strongly typed network (TensorRT {trt.__version__})")
+    if not parser.parse_from_file(str(onnx_file)):
+        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT could not parse {onnx_file.name}: {errors}")
+
+    config = builder.create_builder_config()
+    cache_file = bundle.file(TIMING_CACHE)
+    cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    for lo, opt, hi in profiles:
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            name = network.get_input(i).name
+            if name == "mask_positions":  # (batch, positions): up to 64 masks a row
+                profile.set_shape(name, (lo[0], 1), (opt[0], 1), (hi[0], 64))
+            else:
+                profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+
+    log(f"building the {precision} engine for {device['name']} (compute capability {device['compute_capability']}); this takes minutes")
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(f"TensorRT failed to build the {precision} engine (see the messages above)")
+    seconds = time.perf_counter() - start
+
+    engine_name = f"engine.{precision}.plan"
+    _write_atomic(bundle.file(engine_name), bytes(serialized))
+    _write_atomic(cache_file, bytes(config.get_timing_cache().serialize()))
+    manifest = bundle.manifest
+    manifest.setdefault("engines", {})[precision] = {
+        "file": engine_name, "precision": precision, "onnx": onnx_file.name, "tensorrt": trt.__version__,
+        "gpu": device["name"], "compute_capability": device["compute_capability"],
+        "profiles": [[list(s) for s in p] for p in profiles], "build_seconds": round(seconds, 1), "timing_cache": TIMING_CACHE,
+    }
+    manifest["files"][engine_name] = sha256_file(bundle.file(engine_name))
+    write_manifest(bundle.path, manifest)
+    log(f"engine written to {bundle.file(engine_name)} in {seconds:.0f} s")
+    return bundle.file(engine_name)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,140 @@
+"""TensorRT readiness, checked without a GPU or TensorRT: would TensorRT's ONNX parser take this model?
+
+Every node must be an operator, with input types and attributes, that the parser supports, and Q/DQ must
+follow TensorRT's explicit-quantization rules. The table below is TensorRT 10.15's ONNX operator support
+matrix (onnx-tensorrt docs/operators.md), restricted to the operators an exporter graph can contain; an
+operator missing from it is reported, so a graph that grows a new operator is caught here first. `Attention`
+reached the parser in TensorRT 10.14, the oldest version these bundles target.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_TENSORRT = "10.14"
+
+_F = ("FP32", "FP16", "BF16")
+_I = ("INT32", "INT64")
+SUPPORTED_TYPES: dict[str, tuple[str, ...]] = {
+    "Add": _F + _I, "Sub": _F + _I, "Mul": _F + _I, "Div": _F + _I, "Equal": _F + _I, "Where": _F + _I + ("BOOL",),
+    "Attention": _F + ("INT8", "FP8", "BOOL"),  # BOOL: the attention mask
+    "Cast": _F + _I + ("UINT8", "BOOL"), "Concat": _F + _I + ("BOOL",), "Constant": _F + _I + ("BOOL",),
+    "DequantizeLinear": ("INT8", "FP8", "FP4", "INT4"), "QuantizeLinear": _F,
+    "Expand": _F + _I + ("BOOL",), "Gather": _F + _I + ("BOOL",), "GatherElements": _F + _I + ("BOOL",),
+    "Gelu": _F + ("INT8",) + _I, "Gemm": _F, "MatMul": _F, "LayerNormalization": _F, "Tanh": _F,
+    "Range": _F + _I, "Reshape": _F + _I + ("BOOL",), "Shape": _F + _I + ("BOOL",), "Slice": _F + _I + ("BOOL",),
+    "Squeeze": _F + _I + ("BOOL",), "Unsqueeze": _F + _I + ("BOOL",), "Transpose": _F + _I + ("BOOL",),
+    "Identity": _F + _I + ("BOOL",), "Softmax": _F, "Erf": _F, "Sqrt": _F, "Pow": _F + _I,
+    "ReduceMean": _F + _I, "Not": ("BOOL",), "And": ("BOOL",), "Or": ("BOOL",),
+}
+ONNX_TYPES = {1: "FP32", 10: "FP16", 16: "BF16", 6: "INT32", 7: "INT64", 3: "INT8", 2: "UINT8", 9: "BOOL", 17: "FP8", 23: "FP4", 22: "INT4"}
+ATTENTION_UNSUPPORTED_ATTRIBUTES = ("qk_matmul_output_mode", "softcap")
+
+
+@dataclass(frozen=True)
+class Finding:
+    node: str
+    op: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.op} node {self.node!r}: {self.problem}"
+
+
+def check_model(path: str | os.PathLike) -> list[Finding]:
+    """Everything in the model that TensorRT's ONNX parser would refuse; an empty list means ready."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(os.fspath(path)))
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    types, ranks = {}, {}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        tensor = value.type.tensor_type
+        types[value.name] = ONNX_TYPES.get(tensor.elem_type, f"onnx type {tensor.elem_type}")
+        if tensor.HasField("shape"):
+            ranks[value.name] = len(tensor.shape.dim)
+    for t in graph.initializer:
+        types[t.name] = ONNX_TYPES.get(t.data_type, f"onnx type {t.data_type}")
+        ranks[t.name] = len(t.dims)
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    findings = []
+    for node in graph.node:
+        def problem(text: str) -> None:
+            findings.append(Finding(node.name, node.op_type, text))
+
+        if node.domain not in ("", "ai.onnx"):
+            problem(f"custom domain {node.domain!r}")
+            continue
+        allowed = SUPPORTED_TYPES.get(node.op_type)
+        if allowed is None:
+            problem("operator not in TensorRT's ONNX support matrix")
+            continue
+        checked_inputs = node.input[:1] if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Gather", "GatherElements", "Range", "Reshape", "Expand", "Slice", "Squeeze", "Unsqueeze") else node.input
+        for name in checked_inputs:
+            if name and types.get(name) and types[name] not in allowed:
+                problem(f"input {name!r} is {types[name]}, TensorRT supports {', '.join(allowed)}")
+        if node.op_type == "Attention":
+            findings += _check_attention(node, ranks)
+        elif node.op_type == "LayerNormalization" and any(node.output[1:]):
+            problem("only the first output (Y) is supported")
+        elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            findings += _check_qdq(node, constants, consumers)
+    return findings
+
+
+def _check_attention(node, ranks) -> list[Finding]:
+    out = []
+    if len([i for i in node.input if i]) > 4:
+        out.append(Finding(node.name, "Attention", "past_key/past_value/nonpad_kv_seqlen inputs are unsupported"))
+    if len([o for o in node.output if o]) > 1:
+        out.append(Finding(node.name, "Attention", "present_key/present_value/qk_matmul_output outputs are unsupported"))
+    for name, role in zip(node.input[:4], ("Q", "K", "V", "attn_mask")):
+        if name and ranks.get(name) not in (None, 4):
+            out.append(Finding(node.name, "Attention", f"{role} must be 4-D, is {ranks[name]}-D"))
+    for attribute in node.attribute:
+        if attribute.name in ATTENTION_UNSUPPORTED_ATTRIBUTES:
+            out.append(Finding(node.name, "Attention", f"attribute {attribute.name} is unsupported"))
+    return out
+
+
+def _check_qdq(node, constants, consumers) -> list[Finding]:
+    """Zero-point 0 (symmetric), constant scales, per-tensor activations, per-channel weights on the output-channel axis."""
+    out = []
+
+    def problem(text):
+        out.append(Finding(node.name, node.op_type, text))
+
+    scale = constants.get(node.input[1]) if len(node.input) > 1 else None
+    if scale is None:
+        problem("scale must be a constant")
+        return out
+    if len(node.input) > 2 and node.input[2]:
+        zero = constants.get(node.input[2])
+        if zero is None:
+            problem("zero-point must be a constant")
+        elif np.any(zero != 0):
+            problem("zero-point must be 0 (symmetric quantization)")
+        elif zero.dtype != np.int8:
+            problem(f"zero-point type {zero.dtype} must be int8")
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    is_weight = node.op_type == "DequantizeLinear" and node.input[0] in constants
+    if scale.size > 1:
+        if not is_weight:
+            problem("activations must be quantized per tensor")
+        else:
+            weight = constants[node.input[0]]
+            users = consumers.get(node.output[0], [])
+            if any(u.op_type == "MatMul" for u in users) and weight.ndim == 2 and axis % 2 != 1:
+                problem(f"per-channel MatMul weights must be quantized on the output-channel axis 1, not {axis}")
+            if scale.size != weight.shape[axis]:
+                problem(f"{scale.size} scales for {weight.shape[axis]} channels")
+    return out
