@@ -31,7 +31,8 @@ def test_full_size_k6_bundle_verifies(full_k6):
     assert bundle.manifest["model"]["trained"] is False
     assert bundle.manifest["model"]["config"]["num_hidden_layers"] == 12
     assert bundle.model_file("fp32").stat().st_size < 400 * 2**20  # tied embeddings stored once
-    assert bundle.model_file("int8").stat().st_size < 0.35 * bundle.model_file("fp32").stat().st_size
+    # int8 encoder weights are a quarter of fp32's; the 50 MB embedding table stays float (it is a lookup).
+    assert bundle.model_file("int8").stat().st_size < 0.4 * bundle.model_file("fp32").stat().st_size
 
 
 def test_full_size_k6_equals_multimolecule(full_k6):
