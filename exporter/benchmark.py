@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import platform
-import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -39,10 +38,6 @@ def summary(times: list[float]) -> dict:
     return {"median_s": statistics.median(ordered), "p90_s": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], "runs": len(ordered)}
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ------------------------------------------------------------------------------------------------ ceiling
 def matmul_gflops(repeats: int = 7) -> float:
     """This machine's fp32 matrix-multiply rate (NumPy, 2048x768 @ 768x3072: a BERT-base FFN at 2048 tokens)."""
@@ -66,35 +61,50 @@ class Path:
     run: Callable[[np.ndarray, np.ndarray], object]  # (input_ids, attention_mask) -> anything
 
 
-def torch_paths(config: dict, threads: int, device: str = "cpu") -> list[Path]:
-    """multimolecule's UtrBertModel (if installed) and this project's module, same architecture, random weights.
+def path_keys(bundle, device: str, precisions=None, torch: bool = True) -> list[str]:
+    """Every path to time, in order; the first is the baseline the others are compared with.
 
-    On a GPU device ("cuda", "tensorrt") they run on CUDA, the module also in fp16, the fair baselines there.
+    "multimolecule" (if installed) and "module" are PyTorch with the bundle's architecture and random weights
+    (speed does not depend on the values); on a GPU device they run on CUDA, "module-fp16" too. Then the bundle's
+    models: "onnxruntime:<precision>" on cpu/cuda, or "tensorrt:<precision>" engines.
     """
-    try:
-        import torch
-    except ImportError:
-        return []
+    keys = []
+    if torch and _installed("torch"):
+        keys += (["multimolecule"] if _installed("multimolecule") else []) + ["module"] + (["module-fp16"] if device != "cpu" else [])
+    available = list(bundle.manifest.get("engines", {})) if device == "tensorrt" else bundle.precisions
+    engine = "tensorrt" if device == "tensorrt" else "onnxruntime"
+    return keys + [f"{engine}:{p}" for p in precisions or available]
+
+
+def make_path(key: str, bundle, threads: int, device: str) -> Path:
+    config = {**bundle.manifest["model"]["config"], "k": bundle.k}
+    if ":" in key:
+        import utr_runtime
+
+        engine, precision = key.split(":")
+        model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads)
+        label = f"TensorRT {precision}" if engine == "tensorrt" else f"ONNX Runtime {precision} ({device})"
+        return Path(label, lambda i, m: model.forward(i, m))
+    import torch
+
     torch.set_num_threads(threads)
+    where = "cuda" if device != "cpu" else "cpu"
+    if key == "multimolecule":
+        import multimolecule
+
+        mm_config = multimolecule.UtrBertConfig(
+            nmers=config["k"], hidden_size=config["hidden_size"], num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
+        )
+        reference = multimolecule.UtrBertModel(mm_config).eval().to(where)
+        return Path(f"multimolecule (PyTorch {where})", _torch_call(lambda i, m: reference(i, attention_mask=m), where))
     from .network import UtrBert, UtrBertConfig
 
-    where = "cuda" if device != "cpu" else "cpu"
     fields = {k: v for k, v in config.items() if k in UtrBertConfig.__dataclass_fields__}
-    ours = UtrBert(UtrBertConfig(**{**fields, "lm_head": False})).init_weights(0).eval().to(where)
-    paths = [Path(f"utrexport module (PyTorch {where})", _torch_call(lambda i, m: ours(i, m), where))]
-    if where == "cuda":
-        half = copy.deepcopy(ours).half()
-        paths.append(Path("utrexport module (PyTorch cuda fp16)", _torch_call(lambda i, m: half(i, m), where)))
-    try:
-        import multimolecule
-    except ImportError:
-        return paths
-    mm_config = multimolecule.UtrBertConfig(
-        nmers=config["k"], hidden_size=config["hidden_size"], num_hidden_layers=config["num_hidden_layers"],
-        num_attention_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
-    )
-    reference = multimolecule.UtrBertModel(mm_config).eval().to(where)
-    return [Path(f"multimolecule (PyTorch {where})", _torch_call(lambda i, m: reference(i, attention_mask=m), where))] + paths
+    module = UtrBert(UtrBertConfig(**{**fields, "lm_head": False})).init_weights(0).eval().to(where)
+    if key == "module-fp16":
+        module = module.half()
+    return Path(f"utrexport module (PyTorch {where}{' fp16' if key == 'module-fp16' else ''})", _torch_call(lambda i, m: module(i, m), where))
 
 
 def _torch_call(fn, where: str = "cpu"):
@@ -110,26 +120,49 @@ def _torch_call(fn, where: str = "cpu"):
     return run
 
 
-def bundle_paths(bundle, device: str, threads: int, precisions=None) -> list[Path]:
-    import utr_runtime
+def _installed(package: str) -> bool:
+    import importlib.util
 
-    paths = []
-    available = list(bundle.manifest.get("engines", {})) if device == "tensorrt" else bundle.precisions
-    for precision in precisions or available:
-        model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads)
-        engine = "TensorRT" if device == "tensorrt" else f"ONNX Runtime ({device})"
-        paths.append(Path(f"{engine} {precision}", lambda i, m, model=model: model.forward(i, m)))
-    return paths
+    return importlib.util.find_spec(package) is not None
+
+
+def peak_memory(key: str, bundle_path: str, shape: tuple[int, int], threads: int, device: str) -> float:
+    """Peak RSS (MiB) of a fresh process that loads one path and runs one batch of `shape`: paths measured apart."""
+    import subprocess
+    import sys
+
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report its parent's peak.
+    code = (
+        "import re, numpy as np, utr_runtime\n"
+        "from utrexport.benchmark import make_path, random_batch\n"
+        f"path = make_path({key!r}, utr_runtime.Bundle({bundle_path!r}, check=False), {threads}, {device!r})\n"
+        f"path.run(*random_batch({shape[0]}, {shape[1]}, {bundle_path!r}))\n"
+        "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) / 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        return float("nan")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def random_batch(batch: int, length: int, bundle_or_k) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of real k-mer range with <cls>/<eos>, and an all-ones mask (seeded)."""
+    if isinstance(bundle_or_k, int):
+        k = bundle_or_k
+    else:
+        import utr_runtime
+
+        k = utr_runtime.Bundle(bundle_or_k, check=False).k if isinstance(bundle_or_k, str) else bundle_or_k.k
+    ids = np.random.default_rng(0).integers(6, 5**k + 6, size=(batch, length), dtype=np.int64)
+    ids[:, 0], ids[:, -1] = 1, 2
+    return ids, np.ones_like(ids)
 
 
 # ------------------------------------------------------------------------------------------------ runs
 def bench_shapes(paths: list[Path], config: dict, shapes, repeats: int, ceiling: float, log=lambda m: None) -> list[dict]:
-    rng = np.random.default_rng(0)
     rows = []
     for batch, length in shapes:
-        ids = rng.integers(6, 5 ** config["k"] + 6, size=(batch, length), dtype=np.int64)
-        ids[:, 0], ids[:, -1] = 1, 2
-        mask = np.ones_like(ids)
+        ids, mask = random_batch(batch, length, config["k"])
         times = {p.name: [] for p in paths}
         for p in paths:  # warm-up
             p.run(ids, mask)
@@ -148,10 +181,43 @@ def bench_shapes(paths: list[Path], config: dict, shapes, repeats: int, ceiling:
                 "gflops": flops / s["median_s"] / 1e9,
                 "fraction_of_ceiling": flops / s["median_s"] / 1e9 / ceiling,
                 "speedup_vs_first": base / s["median_s"],
-                "peak_rss_mib": peak_rss_mib(),
             })
         log(f"{batch}x{length}: " + ", ".join(f"{p.name} {statistics.median(times[p.name]) * 1e3:.0f} ms" for p in paths))
     return rows
+
+
+def bench_fill_mask(model, repeats: int) -> list[dict] | None:
+    """One masked k-mer in a 500-token real 3'UTR window: this runtime's fill_mask (vocabulary projection at the
+    masked position only) vs the transformers fill-mask pipeline on multimolecule's MLM model (projection at every
+    position), same architecture, random weights."""
+    if not (_installed("multimolecule") and _installed("torch")):
+        return None
+    import multimolecule
+    import torch
+    from transformers import pipeline
+
+    config = model.bundle.manifest["model"]["config"]
+    seq = fixed_length_sequences(1, 500 + model.k - 1)[0]
+    text = seq[:250] + "<mask>" + seq[250 + model.k :]
+    mm_config = multimolecule.UtrBertConfig(
+        nmers=model.k, hidden_size=config["hidden_size"], num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
+    )
+    reference = multimolecule.UtrBertForMaskedLM(mm_config).eval()
+    pipe = pipeline("fill-mask", model=reference, tokenizer=multimolecule.RnaTokenizer(nmers=model.k), device="cpu")
+    runs = {"utr_runtime fill_mask": lambda: model.fill_mask(text), "transformers pipeline (multimolecule)": lambda: pipe(text)}
+    times = {name: [] for name in runs}
+    with torch.inference_mode():
+        for fn in runs.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["transformers pipeline (multimolecule)"])
+    return [{"path": f"{name} ({model.precision})" if name.startswith("utr") else name, "tokens": 502, **summary(t),
+             "speedup_vs_reference": base / statistics.median(t)} for name, t in times.items()]
 
 
 END_TO_END_SETS = {"3'UTRs": "human_3utr_calibration.fa", "100-nt windows": "utrbert_dev_100nt.tsv"}
@@ -240,7 +306,7 @@ def machine() -> dict:
 
 # ------------------------------------------------------------------------------------------------ report
 def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, device: str = "cpu", precisions=None,
-                  e2e_sequences: int = 24, torch: bool = True, tokenizer: bool = True, log=lambda m: None) -> dict:
+                  e2e_sequences: int = 24, torch: bool = True, tokenizer: bool = True, memory: bool = True, log=lambda m: None) -> dict:
     """Everything in one process: ceiling, model paths per shape, end to end on real 3'UTRs, tokenizer."""
     import datetime
 
@@ -251,7 +317,8 @@ def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, dev
     config = {**bundle.manifest["model"]["config"], "k": bundle.k}
     log("measuring the fp32 matrix-multiply ceiling")
     ceiling = matmul_gflops()
-    paths = (torch_paths(config, threads, device) if torch else []) + bundle_paths(bundle, device, threads, precisions)
+    keys = path_keys(bundle, device, precisions, torch)
+    paths = [make_path(key, bundle, threads, device) for key in keys]
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "threads": threads, "device": device,
@@ -260,6 +327,16 @@ def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, dev
         "flops_per_token_mflop": model_flops(config, 1, 1) / 1e6, "repeats": repeats,
     }
     result["shapes"] = bench_shapes(paths, config, shapes, repeats, ceiling, log)
+    if memory:
+        largest = max(shapes, key=lambda s: s[0] * s[1])
+        log(f"peak memory of each path alone, one {largest[0]}x{largest[1]} batch in a fresh process")
+        result["memory"] = [{"path": p.name, "shape": f"{largest[0]}x{largest[1]}", "peak_rss_mib": peak_memory(key, str(bundle.path), largest, threads, device)}
+                            for key, p in zip(keys, paths)]
+    if bundle.has_lm_head and torch and device == "cpu":
+        log("fill-mask: one mask in a 500-token window")
+        rows = bench_fill_mask(utr_runtime.load(bundle, threads=threads), max(3, repeats))
+        if rows:
+            result["fill_mask"] = rows
     result["end_to_end"] = []
     if e2e_sequences:
         for precision in precisions or bundle.precisions:
@@ -283,14 +360,22 @@ def to_markdown(result: dict) -> str:
         f"{result['flops_per_token_mflop']:.0f} MFLOP per token plus attention.",
         f"Ceiling: NumPy fp32 matmul {result['ceiling_gflops']:.0f} GFLOP/s (2048x768 @ 768x3072). Medians of {result['repeats']} alternating rounds.",
         "",
-        "| shape | path | median ms | p90 ms | tokens/s | GFLOP/s | of ceiling | vs first path | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape | path | median ms | p90 ms | tokens/s | GFLOP/s | of ceiling | vs first path |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["shapes"]:
         lines.append(
             f"| {r['shape']} | {r['path']} | {r['median_s'] * 1e3:.1f} | {r['p90_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
-            f"{r['gflops']:.0f} | {r['fraction_of_ceiling']:.0%} | {r['speedup_vs_first']:.2f}x | {r['peak_rss_mib']:,.0f} |"
+            f"{r['gflops']:.0f} | {r['fraction_of_ceiling']:.0%} | {r['speedup_vs_first']:.2f}x |"
         )
+    if result.get("memory"):
+        lines += ["", "Peak memory, each path alone in a fresh process (Python, NumPy and the engine included):", "",
+                  "| path | batch | peak RSS MiB |", "|---|---|---:|"]
+        lines += [f"| {r['path']} | {r['shape']} | {r['peak_rss_mib']:,.0f} |" for r in result["memory"]]
+    if result.get("fill_mask"):
+        lines += ["", "Fill-mask, one masked k-mer in a 500-token window (encoder included):", "",
+                  "| path | median ms | p90 ms | vs reference |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['path']} | {r['median_s'] * 1e3:.1f} | {r['p90_s'] * 1e3:.1f} | {r['speedup_vs_reference']:.2f}x |" for r in result["fill_mask"]]
     if result.get("end_to_end"):
         lines += ["", "End to end on real sequences, sampled evenly from the shipped files (tokenize + window + batch + run + pool):", "",
                   "| data | path | sequences | nt | median s | nt/s | vs padded to 512 |", "|---|---|---:|---:|---:|---:|---:|"]

@@ -221,10 +221,11 @@ def fill_mask(bundle, text, top_k, precision, as_json) -> None:
 @click.option("--e2e-sequences", type=click.IntRange(0), default=24, show_default=True, help="Real 3'UTRs for the end-to-end run (0: skip).")
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch paths.")
 @click.option("--no-tokenizer", is_flag=True, help="Skip the tokenizer benchmark.")
+@click.option("--no-memory", is_flag=True, help="Skip the per-path peak-memory runs (one fresh process each).")
 @click.option("--out", "out_prefix", type=click.Path(path_type=str), help="Write OUT.json and OUT.md (and OUT.png with --plot).")
 @click.option("--plot", is_flag=True, help="Also draw a PNG chart of throughput per path and shape.")
 @_fail_cleanly
-def bench(bundle, shapes, repeats, threads, device, precision, e2e_sequences, no_torch, no_tokenizer, out_prefix, plot) -> None:
+def bench(bundle, shapes, repeats, threads, device, precision, e2e_sequences, no_torch, no_tokenizer, no_memory, out_prefix, plot) -> None:
     """Time every path (PyTorch, ONNX Runtime per precision) and report against this machine's ceiling."""
     import json
 
@@ -237,7 +238,7 @@ def bench(bundle, shapes, repeats, threads, device, precision, e2e_sequences, no
         raise CommandError(f"--shapes: expected BATCHxTOKENS,... (e.g. 1x128,8x128), got {shapes!r}") from None
     precisions = [p.strip() for p in precision.split(",")] if precision else None
     result = benchmark.run_benchmark(bundle, shape_list, repeats, threads, device, precisions, e2e_sequences,
-                                     torch=not no_torch, tokenizer=not no_tokenizer, log=_log)
+                                     torch=not no_torch, tokenizer=not no_tokenizer, memory=not no_memory, log=_log)
     report = benchmark.to_markdown(result)
     click.echo(report)
     if out_prefix:

@@ -1,0 +1,43 @@
+"""Smoke test of the benchmark: it runs end to end on a tiny bundle and writes its reports. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from utrexport.benchmark import model_flops, peak_memory
+from utrexport.cli import main
+
+
+def test_bench_writes_json_markdown_and_plot(tiny_bundle, tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", str(tiny_bundle(3, "pretraining")), "--shapes", "1x16,2x24", "--repeats", "1", "--e2e-sequences", "1",
+            "--no-memory", "--no-tokenizer", "--out", str(out), "--plot"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench.json").read_text())
+    paths = {r["path"] for r in report["shapes"]}
+    assert {"multimolecule (PyTorch cpu)", "utrexport module (PyTorch cpu)", "ONNX Runtime fp32 (cpu)"} <= paths
+    assert {r["shape"] for r in report["shapes"]} == {"1x16", "2x24"}
+    assert report["ceiling_gflops"] > 0 and all(r["gflops"] > 0 for r in report["shapes"])
+    assert {r["data"] for r in report["end_to_end"]} == {"3'UTRs", "100-nt windows"}
+    assert report["fill_mask"] and "speedup_vs_reference" in report["fill_mask"][0]
+    assert "| 2x24 |" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_peak_memory_is_measured_in_a_fresh_process(tiny_bundle):
+    mib = peak_memory("onnxruntime:fp32", str(tiny_bundle(3, "base")), (1, 16), 1, "cpu")
+    assert 20 < mib < 2000  # a fresh interpreter with NumPy and ONNX Runtime, not this test session's peak
+
+
+def test_flop_count_matches_bert_base():
+    config = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12}
+    per_token = model_flops(config, 1, 1) / 1e6
+    assert 169 < per_token < 171  # the well-known ~170 MFLOP per token of BERT-base (attention excluded at L=1)
+
+
+def test_bad_shapes_are_refused(tiny_bundle):
+    result = CliRunner().invoke(main, ["bench", str(tiny_bundle(3, "base")), "--shapes", "8by128"])
+    assert result.exit_code == 1 and "--shapes" in result.output
