@@ -92,11 +92,7 @@ def make_path(key: str, bundle, threads: int, device: str) -> Path:
     if key == "multimolecule":
         import multimolecule
 
-        mm_config = multimolecule.UtrBertConfig(
-            nmers=config["k"], hidden_size=config["hidden_size"], num_hidden_layers=config["num_hidden_layers"],
-            num_attention_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
-        )
-        reference = multimolecule.UtrBertModel(mm_config).eval().to(where)
+        reference = multimolecule.UtrBertModel(_multimolecule_config(config)).eval().to(where)
         return Path(f"multimolecule (PyTorch {where})", _torch_call(lambda i, m: reference(i, attention_mask=m), where))
     from .network import UtrBert, UtrBertConfig
 
@@ -118,6 +114,16 @@ def _torch_call(fn, where: str = "cpu"):
             return out
 
     return run
+
+
+def _multimolecule_config(config: dict):
+    """The reference's config for a bundle's architecture."""
+    import multimolecule
+
+    return multimolecule.UtrBertConfig(
+        nmers=config["k"], hidden_size=config["hidden_size"], num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
+    )
 
 
 def _installed(package: str) -> bool:
@@ -196,14 +202,9 @@ def bench_fill_mask(model, repeats: int) -> list[dict] | None:
     import torch
     from transformers import pipeline
 
-    config = model.bundle.manifest["model"]["config"]
     seq = fixed_length_sequences(1, 500 + model.k - 1)[0]
     text = seq[:250] + "<mask>" + seq[250 + model.k :]
-    mm_config = multimolecule.UtrBertConfig(
-        nmers=model.k, hidden_size=config["hidden_size"], num_hidden_layers=config["num_hidden_layers"],
-        num_attention_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
-    )
-    reference = multimolecule.UtrBertForMaskedLM(mm_config).eval()
+    reference = multimolecule.UtrBertForMaskedLM(_multimolecule_config(model.bundle.manifest["model"]["config"])).eval()
     pipe = pipeline("fill-mask", model=reference, tokenizer=multimolecule.RnaTokenizer(nmers=model.k), device="cpu")
     runs = {"utr_runtime fill_mask": lambda: model.fill_mask(text), "transformers pipeline (multimolecule)": lambda: pipe(text)}
     times = {name: [] for name in runs}

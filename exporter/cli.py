@@ -6,6 +6,7 @@ torch is imported only inside the commands that export (`build`), so `verify`, `
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import click
@@ -24,7 +25,6 @@ class CommandError(click.ClickException):
 
 def _fail_cleanly(fn):
     """Turn the runtime's and exporter's user errors into one-line CLI errors."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
