@@ -354,7 +354,7 @@ def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, dev
 
 def to_markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [
+    lines = [f"Command: `{result['command']}`" if result.get("command") else "",
         f"Machine: {m['cpu']}, {m['cores']} cores; {result['threads']} threads; device {result['device']}; {result['date']}.",
         f"Model: k={result['model']['k']}, {result['model']['num_hidden_layers']} layers, hidden {result['model']['hidden_size']} "
         f"({'trained' if result['trained'] else 'random-init'} weights; speed does not depend on them), "
@@ -384,7 +384,7 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {r['data']} | {r['path']} | {r['sequences']} | {r['nucleotides']:,} | {r['median_s']:.2f} | {r['nt_per_s']:,.0f} | {r['speedup_vs_padded']:.2f}x |")
     if result.get("tokenizer"):
         lines += ["", tokenizer_table(result["tokenizer"])]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def tokenizer_table(rows: list[dict]) -> str:

@@ -239,6 +239,7 @@ def bench(bundle, shapes, repeats, threads, device, precision, e2e_sequences, no
     precisions = [p.strip() for p in precision.split(",")] if precision else None
     result = benchmark.run_benchmark(bundle, shape_list, repeats, threads, device, precisions, e2e_sequences,
                                      torch=not no_torch, tokenizer=not no_tokenizer, memory=not no_memory, log=_log)
+    result["command"] = "utrexport " + " ".join(sys.argv[1:])
     report = benchmark.to_markdown(result)
     click.echo(report)
     if out_prefix:
