@@ -21,16 +21,22 @@ SHAPES = ((1, 128), (1, 512), (8, 128), (32, 512))
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of `repeats` calls after `warmup` untimed ones."""
+def alternate(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall-clock seconds of each run, `repeats` rounds of one call each in turn, after `warmup` untimed rounds."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in runs.values():
+            fn()
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
     return times
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    return alternate({"run": fn}, repeats, warmup)["run"]
 
 
 def summary(times: list[float]) -> dict:
@@ -169,14 +175,7 @@ def bench_shapes(paths: list[Path], config: dict, shapes, repeats: int, ceiling:
     rows = []
     for batch, length in shapes:
         ids, mask = random_batch(batch, length, config["k"])
-        times = {p.name: [] for p in paths}
-        for p in paths:  # warm-up
-            p.run(ids, mask)
-        for _ in range(repeats):  # alternate: one call of each path per round
-            for p in paths:
-                start = time.perf_counter()
-                p.run(ids, mask)
-                times[p.name].append(time.perf_counter() - start)
+        times = alternate({p.name: (lambda p=p: p.run(ids, mask)) for p in paths}, repeats)
         flops = model_flops(config, batch, length)
         base = statistics.median(times[paths[0].name])
         for p in paths:
@@ -207,15 +206,8 @@ def bench_fill_mask(model, repeats: int) -> list[dict] | None:
     reference = multimolecule.UtrBertForMaskedLM(_multimolecule_config(model.bundle.manifest["model"]["config"])).eval()
     pipe = pipeline("fill-mask", model=reference, tokenizer=multimolecule.RnaTokenizer(nmers=model.k), device="cpu")
     runs = {"utr_runtime fill_mask": lambda: model.fill_mask(text), "transformers pipeline (multimolecule)": lambda: pipe(text)}
-    times = {name: [] for name in runs}
     with torch.inference_mode():
-        for fn in runs.values():
-            fn()
-        for _ in range(repeats):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = alternate(runs, repeats)
     base = statistics.median(times["transformers pipeline (multimolecule)"])
     return [{"path": f"{name} ({model.precision})" if name.startswith("utr") else name, "tokens": 502, **summary(t),
              "speedup_vs_reference": base / statistics.median(t)} for name, t in times.items()]
@@ -234,12 +226,7 @@ def bench_end_to_end(model, label: str, seqs: list[str], repeats: int) -> list[d
     """Real sequences end to end (tokenize + window + batch + run + pool): length-sorted batches vs every window padded to 512."""
     nt = sum(map(len, seqs))
     runs = {"length-sorted batches": lambda: model.embed(seqs), "every window padded to 512": lambda: _embed_padded_to_max(model, seqs)}
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = alternate(runs, repeats, warmup=0)  # each run is seconds long: no warm-up round
     base = statistics.median(times["every window padded to 512"])
     return [
         {"path": f"{model.precision} {name}", "data": label, "sequences": len(seqs), "nucleotides": nt, **summary(t),
