@@ -84,16 +84,17 @@ class KmerTokenizer:
         single = isinstance(text, str)
         texts = [text] if single else _check_texts(text)
         pad_to = _check_options(padding, truncation, max_length)
+        cut = max_length if truncation else None
         if pad_to is None:
-            ids = [r.tolist() for r in self.encode_batch(texts, max_length if truncation else None)]
-            masks = [[1] * len(r) for r in ids]
-            return {"input_ids": ids[0], "attention_mask": masks[0]} if single else {"input_ids": ids, "attention_mask": masks}
-        length = None
-        if pad_to == "max_length":  # truncation never drops <cls>/<eos>, so a row is at least 2 tokens
-            length = max(max_length, 2) if truncation else max_length
-        input_ids, attention_mask = self._encode_padded(texts, max_length if truncation else None, length)
+            input_ids = [r.tolist() for r in self.encode_batch(texts, cut)]
+            attention_mask = [[1] * len(r) for r in input_ids]
+        else:
+            length = None
+            if pad_to == "max_length":  # truncation never drops <cls>/<eos>, so a row is at least 2 tokens
+                length = max(max_length, 2) if truncation else max_length
+            input_ids, attention_mask = self._pad_flat(*self._encode_flat(texts, cut), length)
         if single:
-            return {"input_ids": input_ids[0], "attention_mask": attention_mask[0]}
+            input_ids, attention_mask = input_ids[0], attention_mask[0]
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def encode(self, text: str) -> np.ndarray:
@@ -177,10 +178,6 @@ class KmerTokenizer:
             packed <<= 3
             packed |= codes[j : j + n]
         return _packed_to_id(self.k)[packed], starts, lengths
-
-    def _encode_padded(self, texts: list[str], max_length: int | None, length: int | None) -> tuple[np.ndarray, np.ndarray]:
-        flat, lengths = self._encode_flat(texts, max_length)
-        return self._pad_flat(flat, lengths, length)
 
     def pad(self, rows: Sequence[np.ndarray], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Right-pad id rows into (B, L) `input_ids` and `attention_mask`; L is the longest row or `length`."""
