@@ -106,7 +106,7 @@ class KmerTokenizer:
     def encode_batch(self, texts: Sequence[str], max_length: int | None = None) -> list[np.ndarray]:
         """Ids of each string (int64 arrays, unpadded), optionally cut to `max_length` tokens."""
         flat, lengths = self._encode_flat(_check_texts(texts), max_length)
-        return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
+        return np.split(flat.astype(np.int64), np.cumsum(lengths)[:-1]) if len(lengths) else []
 
     def _encode_flat(self, texts: list[str], max_length: int | None) -> tuple[np.ndarray, np.ndarray]:
         """All inputs' ids end to end, with `<cls>`/`<eos>`, and each input's token count.
@@ -131,7 +131,7 @@ class KmerTokenizer:
         is_special = special >= 0
         keep[starts[is_special]] = True
         ids[starts[is_special]] = special[is_special]
-        flat = ids[keep].astype(np.int64)
+        flat = ids[keep]  # int32 until written into the int64 outputs: fewer large temporaries
         per_piece = np.where(is_special, 1, np.maximum(lengths - self.k + 1, 0))
         counts = np.bincount(piece_input, weights=per_piece, minlength=len(texts)).astype(np.int64)
         if max_length is not None and len(counts) and counts.max() > max(max_length, 2):
@@ -168,7 +168,9 @@ class KmerTokenizer:
             upper = "".join(pieces)
         lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
         starts = np.cumsum(lengths) - lengths
-        points = np.frombuffer(upper.replace("T", "U").encode("utf-32-le"), dtype=np.uint32)
+        text = upper.replace("T", "U")
+        # One byte a letter for ASCII text (the usual case; str.isascii is O(1)), four otherwise.
+        points = np.frombuffer(text.encode("ascii"), np.uint8) if text.isascii() else np.frombuffer(text.encode("utf-32-le"), np.uint32)
         codes = np.full(len(points) + self.k - 1, _INVALID, dtype=np.int8)
         codes[: len(points)] = _CODES[points]
         # Pack each k-mer's codes at 3 bits a letter, then one table maps packed -> id (<unk> if any invalid).
@@ -191,10 +193,10 @@ class KmerTokenizer:
             length = longest
         elif longest > length:
             raise ValueError(f"input {int(lengths.argmax())} has {longest} tokens, more than max_length={length}; pass truncation=True")
-        attention_mask = (np.arange(length) < lengths[:, None]).astype(np.int64)
+        real = np.arange(length) < lengths[:, None]
         input_ids = np.full((len(lengths), length), self.pad_token_id, dtype=np.int64)
-        input_ids[attention_mask.astype(bool)] = flat
-        return input_ids, attention_mask
+        input_ids[real] = flat
+        return input_ids, real.astype(np.int64)
 
     # ---------------------------------------------------------------- decoding
     def convert_ids_to_tokens(self, ids):
