@@ -53,7 +53,7 @@ def main() -> None:
 @click.option("--checkpoint", type=click.Path(file_okay=False, path_type=str), help="Local checkpoint folder (multimolecule or original 3UTRBERT).")
 @click.option("--hub", "hub_id", metavar="ID", help="Model hub id [default: multimolecule/utrbert-{K}mer].")
 @click.option("--random-init", is_flag=True, help="Seeded random weights (untrained; works offline).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-init.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-init weights and the INT8 calibration sample.")
 @click.option("--layers", type=click.IntRange(1, 48), default=12, show_default=True, help="Layers for --random-init.")
 @click.option("--precision", default="fp32,fp16,int8", show_default=True, help="Comma-separated subset of fp32,fp16,int8.")
 @click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False, path_type=str), help="INT8 calibration sequences (FASTA/TSV) [default: the shipped human 3'UTRs].")
