@@ -49,4 +49,4 @@ def calibration_windows(k: int, n: int = 64, seed: int = 0, sequences=None, max_
         start = int(rng.integers(0, len(kmers[i]) - length + 1))
         chosen.append((i, start, start + length))
     rng.shuffle(chosen)
-    return [np.concatenate(([tokenizer.cls_token_id], kmers[i][a:b], [tokenizer.eos_token_id])).astype(np.int64) for i, a, b in chosen]
+    return [tokenizer.with_specials(kmers[i][a:b]) for i, a, b in chosen]

@@ -77,7 +77,7 @@ def path_keys(bundle, device: str, precisions=None, torch: bool = True) -> list[
     keys = []
     if torch and _installed("torch"):
         keys += (["multimolecule"] if _installed("multimolecule") else []) + ["module"] + (["module-fp16"] if device != "cpu" else [])
-    available = list(bundle.manifest.get("engines", {})) if device == "tensorrt" else bundle.precisions
+    available = list(bundle.engines) if device == "tensorrt" else bundle.precisions
     engine = "tensorrt" if device == "tensorrt" else "onnxruntime"
     return keys + [f"{engine}:{p}" for p in precisions or available]
 
@@ -244,7 +244,7 @@ def _embed_padded_to_max(model, seqs: list[str], max_batch_tokens: int = 8192) -
     windows = [w for i, ids in enumerate(kmers) for w in split_windows(i, len(ids), window, 64)]  # as embed() does
     per_batch = max_batch_tokens // model.max_tokens
     for first in range(0, len(windows), per_batch):
-        rows = [np.concatenate(([tok.cls_token_id], kmers[w.sequence][w.start : w.end], [tok.eos_token_id])) for w in windows[first : first + per_batch]]
+        rows = [tok.with_specials(kmers[w.sequence][w.start : w.end]) for w in windows[first : first + per_batch]]
         model.forward(*tok.pad(rows, model.max_tokens))
 
 

@@ -66,6 +66,11 @@ class Bundle:
         return [o["name"] for o in self.manifest["outputs"]]
 
     @property
+    def engines(self) -> dict[str, dict]:
+        """TensorRT engine records by precision (written by `utrexport engine`)."""
+        return self.manifest.get("engines", {})
+
+    @property
     def has_lm_head(self) -> bool:
         return "logits" in self.output_names
 

@@ -149,7 +149,7 @@ class Model:
     def _run_windows(self, windows: list[Window], kmers: list[np.ndarray]) -> list[np.ndarray]:
         """last_hidden_state rows of each window (<cls>, its k-mers, <eos>), unpadded."""
         tok = self.tokenizer
-        rows = [np.concatenate(([tok.cls_token_id], kmers[w.sequence][w.start : w.end], [tok.eos_token_id])) for w in windows]
+        rows = [tok.with_specials(kmers[w.sequence][w.start : w.end]) for w in windows]
         input_ids, attention_mask = tok.pad(rows)
         hidden = self.forward(input_ids, attention_mask)["last_hidden_state"]
         return [hidden[j, : len(r)] for j, r in enumerate(rows)]

@@ -181,6 +181,10 @@ class KmerTokenizer:
             packed |= codes[j : j + n]
         return _packed_to_id(self.k)[packed], starts, lengths
 
+    def with_specials(self, kmer_ids) -> np.ndarray:
+        """<cls>, the given k-mer ids, <eos>: one model row (a window of a longer sequence, say), int64."""
+        return np.concatenate(([self.cls_token_id], kmer_ids, [self.eos_token_id])).astype(np.int64)
+
     def pad(self, rows: Sequence[np.ndarray], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Right-pad id rows into (B, L) `input_ids` and `attention_mask`; L is the longest row or `length`."""
         lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))

@@ -51,7 +51,7 @@ def _runners(bundle: Bundle, precisions, device: str, threads):
     if device == "tensorrt":
         from .engines.tensorrt import open_engine_runner
 
-        engines = bundle.manifest.get("engines", {})
+        engines = bundle.engines
         if not engines:
             raise BundleError(f"{bundle.path}: no TensorRT engines; build them with: utrexport engine {bundle.path} --precision fp16")
         for precision in precisions or list(engines):

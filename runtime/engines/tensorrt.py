@@ -51,7 +51,7 @@ def cuda_device(index: int = 0) -> dict:
 
 
 def open_engine_runner(bundle, precision: str) -> "TensorRTRunner":
-    record = bundle.manifest.get("engines", {}).get(precision)
+    record = bundle.engines.get(precision)
     rebuild = f"utrexport engine {bundle.path} --precision {precision}"
     if record is None:
         raise BundleError(f"{bundle.path}: no TensorRT {precision} engine; build one on this machine with: {rebuild}")
