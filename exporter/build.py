@@ -103,14 +103,51 @@ def _build_into(work: Path, checkpoint: Checkpoint, precisions, calibration: Cal
     write_manifest(work, manifest)
     log("verifying every precision against the PyTorch reference")
     rows = verify(Bundle(work))
-    manifest["parity"] = rows
-    write_manifest(work, manifest)
-    failed = sorted({f"{r['precision']} {r['output']}" for r in rows if not r["passed"]})
-    if failed:
+    failed = sorted({r["precision"].split("/")[0] for r in rows if not r["passed"]})
+    if "fp32" in failed:  # the export itself is wrong: nothing derived from it can be trusted
         from utr_runtime.parity import format_table
 
         log("parity results:\n" + format_table(rows))
-        raise BuildError(f"parity check failed for {', '.join(failed)}; the bundle was not written")
+        outputs = sorted({r["output"] for r in rows if not r["passed"] and r["precision"] == "fp32"})
+        raise BuildError(f"parity check failed for fp32 {', '.join(outputs)}; the bundle was not written")
+    manifest["parity"] = [r for r in rows if r["precision"].split("/")[0] not in failed]
+    if failed:
+        manifest["left_out"] = _leave_out(work, manifest, failed, rows, log)
+    write_manifest(work, manifest)
+
+
+def _leave_out(work: Path, manifest: dict, precisions: list[str], rows: list[dict], log) -> dict:
+    """Remove precisions that failed their gate from the bundle; return why, with the failing figures."""
+    reasons = {}
+    for precision in precisions:
+        entry = manifest["models"].pop(precision)
+        for name in [entry["file"], *(v["file"] for v in entry.get("variants", {}).values())]:
+            (work / name).unlink(missing_ok=True)
+            manifest["files"].pop(name, None)
+        failures = [r for r in rows if r["precision"].split("/")[0] == precision and not r["passed"]]
+        reasons[precision] = [
+            {k: r.get(k) for k in ("precision", "output", "max_abs", "mean_cosine", "min_cosine", "prob_max_abs", "agreement", "tolerance")}
+            for r in failures
+        ]
+        detail = "; ".join(f"{r['precision']} {r['output']}: {_figures(r)} (needs {r['tolerance']})" for r in failures)
+        log(f"{precision} left out of the bundle: below its accuracy gate ({detail}). "
+            f"{LEAVE_OUT_HINTS.get(precision, '')}".rstrip())
+    return reasons
+
+
+LEAVE_OUT_HINTS = {
+    "int8": "Try --calibration with sequences like yours, a larger --calibration-size, or --calibration-method percentile.",
+    "fp16": "The model's activations may overflow half precision; use fp32.",
+}
+
+
+def _figures(row: dict) -> str:
+    parts = [f"max abs {row['max_abs']:.3g}", f"cosine {row['mean_cosine']:.4f} (min {row['min_cosine']:.4f})"]
+    if row.get("prob_max_abs") is not None:
+        parts.append(f"probability error {row['prob_max_abs']:.3g}")
+    if row.get("agreement") is not None:
+        parts.append(f"labels kept {row['agreement']:.3f}")
+    return ", ".join(parts)
 
 
 def _record_tensorrt_readiness(work: Path, models: dict) -> None:
@@ -177,6 +214,8 @@ def _manifest(checkpoint: Checkpoint, model, models: dict, work: Path) -> dict:
         "pooler_output": ["batch", hidden],
         "logits": ["batch", "positions", vocab],
     }
+    if config.task is not None:
+        shapes["task_logits"] = TASK_SHAPES[config.task.level] + [config.task.num_labels]
     files = [p.name for p in sorted(work.iterdir()) if p.name != "manifest.json"]
     return {
         "format": FORMAT,
@@ -192,6 +231,7 @@ def _manifest(checkpoint: Checkpoint, model, models: dict, work: Path) -> dict:
             "weights_sha256": checkpoint.weights_sha256(),
             "ignored_checkpoint_keys": checkpoint.ignored_keys,
         },
+        **({"task": task_record(checkpoint)} if config.task is not None else {}),
         "max_tokens": config.max_position_embeddings,
         "tokenizer": "tokenizer.json",
         "inputs": [{"name": n, "dtype": "int64", "shape": shapes[n]} for n in model.input_names],
@@ -201,6 +241,43 @@ def _manifest(checkpoint: Checkpoint, model, models: dict, work: Path) -> dict:
         "tools": _tool_versions(),
         "files": {name: sha256_file(work / name) for name in files},
     }
+
+
+TASK_SHAPES = {
+    "sequence": ["batch"],
+    "nucleotide": ["batch", "sequence - 2 + k - 1"],
+    "contact": ["batch", "sequence - 2", "sequence - 2"],
+}
+TASK_MEANING = {
+    "sequence": "one row per input row, from the pooler output",
+    "nucleotide": "one row per nucleotide: row j of an input with n k-mers (j < n + k - 1) is the head applied to the "
+                  "mean of the k-mer rows covering nucleotide j; later rows are padding",
+    "contact": "one row per pair of k-mers (i, j < n, the input's k-mer count), symmetric in i and j; later rows are padding",
+}
+OUTPUT_FUNCTIONS = {
+    "binary": "sigmoid: probability of the label",
+    "multilabel": "sigmoid: probability of each label",
+    "multiclass": "softmax over the labels: probability of each class",
+    "regression": "none: the values themselves",
+}
+
+
+def task_record(checkpoint: Checkpoint) -> dict:
+    """The manifest's description of a task head: what it predicts and how to read `task_logits`."""
+    head = checkpoint.config.task
+    record = {
+        "level": head.level,
+        "problem_type": head.problem_type,
+        "num_labels": head.num_labels,
+        "labels": checkpoint.labels,
+        "output": "task_logits",
+        "rows": TASK_MEANING[head.level],
+        "output_function": OUTPUT_FUNCTIONS[head.problem_type],
+        "head": {"transform": head.transform, "transform_act": head.transform_act, "bias": head.bias, "act": head.act},
+    }
+    if checkpoint.negative_label is not None:
+        record["negative_label"] = checkpoint.negative_label
+    return record
 
 
 def _tool_versions() -> dict:

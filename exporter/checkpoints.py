@@ -18,7 +18,7 @@ from utr_runtime.bundle import sha256_file
 from utr_runtime.errors import UtrError
 from utr_runtime.tokenizer import KmerTokenizer
 
-from .network import UtrBert, UtrBertConfig
+from .network import ACTIVATIONS, HEAD_TRANSFORMS, PROBLEM_TYPES, TaskHead, UtrBert, UtrBertConfig
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # multimolecule's conversion of original checkpoints draws the rows new to its vocabulary from this seed.
@@ -36,6 +36,8 @@ class Checkpoint:
     source: dict  # how it was obtained: kind, path/id/seed, sha256 of the weight file
     trained: bool
     ignored_keys: list[str] = field(default_factory=list)
+    labels: list[str] | None = None  # names of a task head's outputs, in order
+    negative_label: str | None = None  # a binary head's name for "not the label", where the config gives one
 
     def module(self) -> UtrBert:
         model = UtrBert(self.config)
@@ -61,8 +63,11 @@ def from_random_init(k: int, seed: int, num_hidden_layers: int = 12, **sizes) ->
     return Checkpoint(config, state, {"kind": "random-init", "seed": seed}, trained=False)
 
 
-def from_folder(path: str | os.PathLike, k: int | None = None) -> Checkpoint:
-    """A multimolecule checkpoint folder, or an original 3UTRBERT one (told apart by its weight names)."""
+def from_folder(path: str | os.PathLike, k: int | None = None, problem_type: str | None = None) -> Checkpoint:
+    """A multimolecule checkpoint folder, or an original 3UTRBERT one (told apart by its weight names).
+
+    `problem_type` fills in a task head's problem type where the checkpoint's config does not state it.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
@@ -79,10 +84,10 @@ def from_folder(path: str | os.PathLike, k: int | None = None) -> Checkpoint:
         source["format"] = "original-3utrbert"
         return _from_original(config, state, folder, k, source)
     source["format"] = "multimolecule"
-    return _from_multimolecule(config, state, k, source)
+    return _from_multimolecule(config, state, k, source, problem_type)
 
 
-def from_hub(repo_id: str, k: int | None = None, revision: str | None = None) -> Checkpoint:
+def from_hub(repo_id: str, k: int | None = None, revision: str | None = None, problem_type: str | None = None) -> Checkpoint:
     """A hub checkpoint through huggingface_hub (its cache, HF_HUB_OFFLINE and token settings apply)."""
     try:
         from huggingface_hub import snapshot_download
@@ -96,13 +101,15 @@ def from_hub(repo_id: str, k: int | None = None, revision: str | None = None) ->
             f"cannot fetch {repo_id!r} from the model hub ({type(e).__name__}: {reason[:200]}); "
             "use --checkpoint DIR for a local folder, or --random-init for untrained weights"
         ) from None
-    checkpoint = from_folder(folder, k)
+    checkpoint = from_folder(folder, k, problem_type)
     checkpoint.source.update(kind="hub", id=repo_id, revision=revision or "main")
     return checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- formats
-def _from_multimolecule(config: dict, state: dict, k: int | None, source: dict) -> Checkpoint:
+def _from_multimolecule(config: dict, state: dict, k: int | None, source: dict, problem_type: str | None = None) -> Checkpoint:
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source['path']}: config.json is not a JSON object")
     k_file = config.get("nmers")
     if k_file is None:
         raise CheckpointError(f"{source['path']}: config.json has no 'nmers' (is this a 3UTRBERT checkpoint?)")
@@ -112,14 +119,89 @@ def _from_multimolecule(config: dict, state: dict, k: int | None, source: dict) 
             raise CheckpointError(f"{source['path']}: {key}={config[key]!r} is not supported (3UTRBERT uses {expected!r})")
     state = {key.removeprefix("model."): value for key, value in state.items()}
     head = {key: value for key, value in state.items() if key.startswith("lm_head.")}
-    ignored = sorted(key for key in state if not key.startswith(("embeddings.", "encoder.", "pooler.", "lm_head.")))
+    head_levels = {level for level, prefix in TASK_PREFIXES.items() if any(key.startswith(prefix) for key in state)}
+    if len(head_levels) > 1:
+        raise CheckpointError(f"{source['path']}: more than one task head ({', '.join(sorted(head_levels))}); export one head per bundle")
+    task = _task_head(config, head_levels.pop(), source, problem_type) if head_levels else None
+    kept = ("embeddings.", "encoder.", "pooler.", "lm_head.") + ((task.module_name + ".",) if task else ())
+    ignored = sorted(key for key in state if not key.startswith(kept))
     if "lm_head.decoder.weight" in head:
         if not torch.equal(head["lm_head.decoder.weight"], state["embeddings.word_embeddings.weight"]):
             raise CheckpointError(f"{source['path']}: the MLM decoder is not tied to the word embeddings; untied heads are not supported")
     wanted = {key: value for key, value in state.items() if key not in ignored and not key.startswith("lm_head.decoder.")}
     wanted = {key: value for key, value in wanted.items() if not key.endswith("position_ids")}
-    cfg = _config_from(config, k_file, pooler="pooler.dense.weight" in wanted, lm_head="lm_head.bias" in wanted)
-    return _checked(Checkpoint(cfg, wanted, source, trained=True, ignored_keys=ignored))
+    cfg = _config_from(config, k_file, pooler="pooler.dense.weight" in wanted, lm_head="lm_head.bias" in wanted, task=task)
+    if task is not None and task.level == "sequence" and not cfg.pooler:
+        raise CheckpointError(f"{source['path']}: a sequence head reads the pooler output, but the checkpoint has no pooler")
+    checkpoint = Checkpoint(cfg, wanted, source, trained=True, ignored_keys=ignored)
+    if task is not None:
+        checkpoint.labels, checkpoint.negative_label = _label_names(config, task)
+    return _checked(checkpoint)
+
+
+# A task head's parameter prefix in multimolecule checkpoints, by level (UtrBertFor{Sequence,Token,Contact}Prediction).
+TASK_PREFIXES = {"sequence": "sequence_head.", "nucleotide": "token_head.", "contact": "contact_head."}
+
+
+def _task_head(config: dict, level: str, source: dict, problem_type: str | None) -> TaskHead:
+    """The head's settings as multimolecule resolves them (config.head, else the model config), checked."""
+    where = source["path"]
+    head = config.get("head") or {}
+    if not isinstance(head, dict):
+        raise CheckpointError(f"{where}: config 'head' is not an object")
+
+    def setting(name, default=None):
+        value = head.get(name)
+        return value if value is not None else config.get(name, default)
+
+    num_labels = head.get("num_labels") or config.get("num_labels", 1)
+    if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
+        raise CheckpointError(f"{where}: num_labels must be a positive integer, got {num_labels!r}")
+    stated = setting("problem_type")
+    if stated is not None and problem_type is not None and stated != problem_type:
+        raise CheckpointError(f"{where}: the checkpoint's problem_type is {stated!r}, not {problem_type!r}")
+    kind = stated or problem_type
+    if kind is None:
+        raise CheckpointError(f"{where}: the {level} head's config states no problem_type; pass --problem-type ({', '.join(PROBLEM_TYPES)})")
+    if kind not in PROBLEM_TYPES:
+        raise CheckpointError(f"{where}: problem_type {kind!r} is not supported ({', '.join(PROBLEM_TYPES)})")
+    if kind == "multiclass" and num_labels < 2:
+        raise CheckpointError(f"{where}: a multiclass head needs num_labels >= 2, got {num_labels}")
+    transform = head.get("transform") or "identity"
+    if transform not in HEAD_TRANSFORMS:
+        raise CheckpointError(f"{where}: head transform {transform!r} is not supported ({', '.join(HEAD_TRANSFORMS)})")
+    transform_act = head.get("transform_act", "gelu")
+    if transform == "nonlinear" and transform_act not in ACTIVATIONS:
+        raise CheckpointError(f"{where}: head transform_act {transform_act!r} is not supported ({', '.join(ACTIVATIONS)})")
+    act = head.get("act")
+    if act is not None and act not in ACTIVATIONS:
+        raise CheckpointError(f"{where}: head act {act!r} is not supported ({', '.join(ACTIVATIONS)})")
+    default_input = {"sequence": "pooler_output"}.get(level, "last_hidden_state")
+    if head.get("output_name") not in (None, default_input):
+        raise CheckpointError(f"{where}: a {level} head reading {head['output_name']!r} is not supported (only {default_input!r})")
+    if head.get("hidden_size") not in (None, config.get("hidden_size", 768)):
+        raise CheckpointError(f"{where}: head hidden_size {head['hidden_size']} differs from the model's {config.get('hidden_size')}")
+    return TaskHead(
+        level=level,
+        num_labels=num_labels,
+        problem_type=kind,
+        transform=transform,
+        transform_act=transform_act if transform == "nonlinear" else None,
+        bias=bool(head.get("bias", True)),
+        act=act,
+        layer_norm_eps=float(head.get("layer_norm_eps") or 1e-12),
+    )
+
+
+def _label_names(config: dict, task: TaskHead) -> tuple[list[str], str | None]:
+    """Output names from id2label; a one-output binary head with two names is the probability of the second."""
+    id2label = config.get("id2label") or {}
+    names = {int(i): str(name) for i, name in id2label.items()} if isinstance(id2label, dict) else {}
+    if task.problem_type == "binary" and task.num_labels == 1 and sorted(names) == [0, 1]:
+        return [names[1]], names[0]
+    if sorted(names) == list(range(task.num_labels)):
+        return [names[i] for i in range(task.num_labels)], None
+    return [f"LABEL_{i}" for i in range(task.num_labels)], None
 
 
 def _from_original(config: dict, state: dict, folder: Path, k: int | None, source: dict) -> Checkpoint:
@@ -175,7 +257,7 @@ def _remap_rows(words: torch.Tensor, bias: torch.Tensor | None, old_vocab: list[
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _config_from(config: dict, k: int, pooler: bool, lm_head: bool) -> UtrBertConfig:
+def _config_from(config: dict, k: int, pooler: bool, lm_head: bool, task: TaskHead | None = None) -> UtrBertConfig:
     return UtrBertConfig(
         k=k,
         hidden_size=int(config.get("hidden_size", 768)),
@@ -188,6 +270,7 @@ def _config_from(config: dict, k: int, pooler: bool, lm_head: bool) -> UtrBertCo
         initializer_range=float(config.get("initializer_range", 0.02)),
         pooler=pooler,
         lm_head=lm_head,
+        task=task,
     )
 
 

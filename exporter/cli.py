@@ -59,11 +59,19 @@ def main() -> None:
 @click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False, path_type=str), help="INT8 calibration sequences (FASTA/TSV) [default: the shipped human 3'UTRs].")
 @click.option("--calibration-size", type=click.IntRange(4, 4096), default=64, show_default=True, help="Calibration windows.")
 @click.option("--calibration-method", type=click.Choice(["entropy", "percentile", "minmax"]), default="entropy", show_default=True)
+@click.option("--problem-type", type=click.Choice(["binary", "multiclass", "multilabel", "regression"]),
+              help="Problem type of a task head whose checkpoint config does not state one.")
 @click.option("-o", "--output", type=click.Path(path_type=str), help="Bundle folder [default: bundles/utrbert-{K}mer[-random]].")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@click.pass_context
 @_fail_cleanly
-def build(k, checkpoint, hub_id, random_init, seed, layers, precision, calibration_file, calibration_size, calibration_method, output, force) -> None:
-    """Export a checkpoint to a verified bundle folder."""
+def build(ctx, k, checkpoint, hub_id, random_init, seed, layers, precision, calibration_file, calibration_size, calibration_method,
+          problem_type, output, force) -> None:
+    """Export a checkpoint (plain, MLM or fine-tuned task model) to a verified bundle folder.
+
+    A precision below its accuracy gate is left out of the bundle with the reason; the exit status is 1 only
+    when that precision was asked for with --precision.
+    """
     k = int(k)
     if sum(bool(x) for x in (checkpoint, hub_id, random_init)) > 1:
         raise CommandError("choose one of --checkpoint, --hub and --random-init")
@@ -94,14 +102,24 @@ def build(k, checkpoint, hub_id, random_init, seed, layers, precision, calibrati
         ckpt = checkpoints.from_random_init(k, seed, num_hidden_layers=layers)
     elif checkpoint:
         _log(f"loading checkpoint {checkpoint}")
-        ckpt = checkpoints.from_folder(checkpoint, k)
+        ckpt = checkpoints.from_folder(checkpoint, k, problem_type)
     else:
         hub_id = hub_id or f"multimolecule/utrbert-{k}mer"
         _log(f"fetching {hub_id} from the model hub")
-        ckpt = checkpoints.from_hub(hub_id, k)
+        ckpt = checkpoints.from_hub(hub_id, k, problem_type=problem_type)
+    if ckpt.config.task is not None:
+        task = ckpt.config.task
+        _log(f"task head: {task.level} level, {task.problem_type}, {task.num_labels} label(s) {ckpt.labels}")
+    elif problem_type:
+        raise CommandError("--problem-type applies to checkpoints with a task head only")
     path = build_bundle(ckpt, output, precisions, force=force, log=_log, calibration=calibration)
-    _print_parity(_read_parity(path))
+    manifest = _read_manifest(path)
+    _print_parity(manifest.get("parity", []))
     click.echo(f"bundle written to {path}")
+    left_out = sorted(manifest.get("left_out", {}))
+    asked = ctx.get_parameter_source("precision") != click.core.ParameterSource.DEFAULT
+    if left_out and asked:
+        raise CommandError(f"{', '.join(left_out)} did not pass its accuracy gate and is not in the bundle (see above)")
 
 
 @main.command("verify")
@@ -270,10 +288,10 @@ class _Progress:
             click.echo("", err=True)
 
 
-def _read_parity(path) -> list[dict]:
+def _read_manifest(path) -> dict:
     from utr_runtime.bundle import Bundle
 
-    return Bundle(path, check=False).manifest.get("parity", [])
+    return Bundle(path, check=False).manifest
 
 
 def _print_parity(rows: list[dict]) -> None:

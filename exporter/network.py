@@ -5,6 +5,11 @@ What differs from the reference is only what makes a clean ONNX graph: positions
 the token-type row 0 is added directly, attention is one `scaled_dot_product_attention` call (one ONNX
 `Attention` node) with a boolean mask of shape (B, 1, L, L), and the MLM projection runs only at the
 positions asked for.
+
+A fine-tuned checkpoint adds one task head (multimolecule's default heads, same parameter names):
+  sequence   `sequence_head` on the pooler output                      -> task_logits (B, num_labels)
+  nucleotide `token_head` on k-mer rows unfolded to nucleotide rows    -> task_logits (B, L - 2 + k - 1, num_labels)
+  contact    `contact_head`: outer product of k-mer rows, linear, symmetrised -> task_logits (B, L - 2, L - 2, num_labels)
 """
 
 from __future__ import annotations
@@ -14,6 +19,41 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+TASK_LEVELS = ("sequence", "nucleotide", "contact")
+PROBLEM_TYPES = ("binary", "multiclass", "multilabel", "regression")
+HEAD_TRANSFORMS = ("identity", "linear", "nonlinear")
+# Activations a head may name (transformers' ACT2FN names) and their export-friendly equivalents.
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+@dataclass(frozen=True)
+class TaskHead:
+    """A fine-tuned prediction head, as multimolecule's HeadConfig describes it (dropout is off at inference)."""
+
+    level: str  # sequence | nucleotide | contact
+    num_labels: int
+    problem_type: str  # binary | multiclass | multilabel | regression
+    transform: str = "identity"  # identity | linear | nonlinear (dense, transform_act, LayerNorm)
+    transform_act: str | None = "gelu"
+    bias: bool = True
+    act: str | None = None  # applied to the decoder's output, as the reference does
+    layer_norm_eps: float = 1e-12
+
+    @property
+    def module_name(self) -> str:
+        """The head's parameter prefix in multimolecule checkpoints."""
+        return {"sequence": "sequence_head", "nucleotide": "token_head", "contact": "contact_head"}[self.level]
 
 
 @dataclass(frozen=True)
@@ -29,6 +69,7 @@ class UtrBertConfig:
     initializer_range: float = 0.02
     pooler: bool = True
     lm_head: bool = False
+    task: TaskHead | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -154,8 +195,73 @@ class LmHead(nn.Module):
         return logits.reshape(*h.shape[:-1], -1)
 
 
+class HeadTransform(nn.Module):
+    """multimolecule's head transforms: linear = dense + LayerNorm; nonlinear = dense + activation + LayerNorm."""
+
+    def __init__(self, c: UtrBertConfig, head: TaskHead):
+        super().__init__()
+        self.activation = ACTIVATIONS[head.transform_act] if head.transform == "nonlinear" else None
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.layer_norm = nn.LayerNorm(c.hidden_size, eps=head.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dense(x)
+        return self.layer_norm(self.activation(x) if self.activation is not None else x)
+
+
+class PredictionHead(nn.Module):
+    """transform -> decoder (-> activation); the contact level decodes outer products of k-mer rows."""
+
+    def __init__(self, c: UtrBertConfig):
+        super().__init__()
+        head = c.task
+        self.level = head.level
+        if head.transform != "identity":
+            self.transform = HeadTransform(c, head)
+        self.decoder = nn.Linear(c.hidden_size, head.num_labels, bias=head.bias)
+        self.activation = ACTIVATIONS[head.act] if head.act else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "transform"):
+            x = self.transform(x)
+        if self.level == "contact":
+            x = self._contact(x)
+        else:
+            x = self.decoder(x)
+        return self.activation(x) if self.activation is not None else x
+
+    def _contact(self, h: torch.Tensor) -> torch.Tensor:
+        """decoder(h_i * h_j), symmetrised, without the (B, n, n, hidden) outer product: for each label l,
+        sum_c h_i[c] W[l, c] h_j[c] is one (n, hidden) x (hidden, n) MatMul of h scaled by W[l]."""
+        scaled = h[:, None] * self.decoder.weight[None, :, None, :]  # (B, labels, n, hidden)
+        maps = torch.matmul(scaled, h[:, None].transpose(-1, -2))  # (B, labels, n, n)
+        if self.decoder.bias is not None:
+            maps = maps + self.decoder.bias[None, :, None, None]
+        maps = maps.permute(0, 2, 3, 1)
+        return (maps + maps.transpose(1, 2)) / 2
+
+
+def kmer_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) mask -> (B, L - 2) mask of the k-mer rows (the real tokens less <cls> and <eos>)."""
+    kmers = attention_mask.sum(1, keepdim=True) - 2
+    return torch.arange(attention_mask.shape[1] - 2, device=attention_mask.device)[None] < kmers
+
+
+def unfold_kmers(rows: torch.Tensor, kmers: torch.Tensor, k: int) -> torch.Tensor:
+    """k-mer rows (B, n, H) -> nucleotide rows (B, n + k - 1, H): nucleotide j is the mean of the k-mer rows
+    that cover it (k-mers j-k+1 .. j that exist), as multimolecule's `unfold_kmer_embeddings`; as one MatMul
+    with an averaging matrix, so the export needs no loop. Rows past a sequence's end are zero."""
+    n = rows.shape[1]
+    j = torch.arange(n + k - 1, device=rows.device)[:, None]
+    i = torch.arange(n, device=rows.device)[None, :]
+    cover = ((i <= j) & (i > j - k))[None] & kmers[:, None, :]  # (B, n + k - 1, n)
+    weights = cover.to(rows.dtype)
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1)
+    return torch.matmul(weights, rows)
+
+
 class UtrBert(nn.Module):
-    """inputs (input_ids, attention_mask[, mask_positions]) -> last_hidden_state[, pooler_output][, logits]"""
+    """inputs (input_ids, attention_mask[, mask_positions]) -> last_hidden_state[, pooler_output][, logits][, task_logits]"""
 
     def __init__(self, config: UtrBertConfig):
         super().__init__()
@@ -164,6 +270,12 @@ class UtrBert(nn.Module):
         self.encoder = Encoder(config)
         self.pooler = Pooler(config) if config.pooler else None
         self.lm_head = LmHead(config) if config.lm_head else None
+        if config.task is not None:
+            self.add_module(config.task.module_name, PredictionHead(config))
+
+    @property
+    def task_head(self) -> PredictionHead | None:
+        return getattr(self, self.config.task.module_name) if self.config.task is not None else None
 
     @property
     def input_names(self) -> list[str]:
@@ -176,6 +288,8 @@ class UtrBert(nn.Module):
             names.append("pooler_output")
         if self.lm_head is not None:
             names.append("logits")
+        if self.config.task is not None:
+            names.append("task_logits")
         return names
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_positions: torch.Tensor | None = None):
@@ -192,7 +306,19 @@ class UtrBert(nn.Module):
             # (B, P) positions -> (B, P, V) logits: the vocabulary projection only where it is asked for.
             index = mask_positions[:, :, None].expand(-1, -1, x.shape[-1])
             outputs.append(self.lm_head(torch.gather(x, 1, index), self.embeddings.word_embeddings.weight))
+        if self.config.task is not None:
+            outputs.append(self._task(x, outputs[1] if self.pooler is not None else None, attention_mask))
         return tuple(outputs)
+
+    def _task(self, x: torch.Tensor, pooled: torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor:
+        level = self.config.task.level
+        if level == "sequence":
+            return self.task_head(pooled)
+        kmers = kmer_mask(attention_mask)
+        rows = x[:, 1:-1] * kmers[..., None].to(x.dtype)  # k-mer rows; <cls>, <eos> and padding dropped
+        if level == "nucleotide":
+            return self.task_head(unfold_kmers(rows, kmers, self.config.k))
+        return self.task_head(rows)
 
     def init_weights(self, seed: int) -> "UtrBert":
         """BERT's initialisation (normal(0, initializer_range), zero biases, unit LayerNorm), from a seed."""

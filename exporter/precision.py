@@ -2,8 +2,8 @@
 
 fp16: the module is exported in half precision: weights, matmuls, attention and residuals in fp16, LayerNorm
       statistics in fp32 (LayerNormalization stash_type=1), int64 inputs and fp32 outputs, as fp32's.
-int8: explicit Q/DQ on the encoder's MatMul inputs (the LM head and pooler stay float: small, and the head's
-      output feeds a softmax), calibrated on real 3'UTR windows. Two schemes of one calibration, because the
+int8: explicit Q/DQ on the encoder's MatMul inputs (the pooler, the LM head and task heads stay float: small, and
+      their outputs feed a softmax or a decision), calibrated on real 3'UTR windows. Two schemes of one calibration, because the
       hardware that runs them wants different ones (measured, see docs/benchmarks.md):
         tensorrt: symmetric int8 activations and per-channel int8 weights, all zero-points 0: TensorRT's rules.
                   ONNX Runtime on x86 CPUs runs it no faster than fp32.
@@ -54,7 +54,10 @@ def quantize_int8(fp32_file, out_file, rows: list[np.ndarray], scheme: str, meth
 
     if scheme not in INT8_SCHEMES:
         raise ValueError(f"unknown int8 scheme {scheme!r}")
-    wants_positions = _has_input(fp32_file, "mask_positions")
+    import onnx
+
+    graph = onnx.load(os.fspath(fp32_file), load_external_data=False).graph
+    wants_positions = any(i.name == "mask_positions" for i in graph.input)
 
     class Rows(CalibrationDataReader):
         """One window per run. Fed to the calibrator one at a time (set_range, stride 1): ORT's histogram
@@ -90,11 +93,19 @@ def quantize_int8(fp32_file, out_file, rows: list[np.ndarray], scheme: str, meth
     with quiet():
         quantize_static(
             os.fspath(fp32_file), os.fspath(out_file), Rows(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-        calibrate_method=calibrate, **{**options, "extra_options": {**options["extra_options"], "CalibStridedMinMax": 1}},
+            nodes_to_quantize=encoder_matmuls(graph), calibrate_method=calibrate, **{**options, "extra_options": {**options["extra_options"], "CalibStridedMinMax": 1}},
         )
 
 
-def _has_input(onnx_file, name: str) -> bool:
-    import onnx
+MATMULS_PER_LAYER = 6  # query, key, value, attention output, intermediate, output
 
-    return any(i.name == name for i in onnx.load(os.fspath(onnx_file), load_external_data=False).graph.input)
+
+def encoder_matmuls(graph) -> list[str]:
+    """Names of the encoder's weight MatMuls: the first 6 per layer in graph order, since every head's MatMul
+    (nucleotide unfolding, contact maps, 3-D head projections) consumes the encoder's output and comes later."""
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    layers = sum(node.op_type == "Attention" for node in graph.node)
+    weighted = [node.name for node in graph.node if node.op_type == "MatMul" and any(x in constants for x in node.input)]
+    if len(weighted) < MATMULS_PER_LAYER * layers:
+        raise ValueError(f"expected {MATMULS_PER_LAYER} weight MatMuls per encoder layer, found {len(weighted)} for {layers} layers")
+    return weighted[: MATMULS_PER_LAYER * layers]

@@ -74,6 +74,12 @@ class Bundle:
     def has_lm_head(self) -> bool:
         return "logits" in self.output_names
 
+    @property
+    def task(self) -> dict | None:
+        """A task head's record (level, problem_type, num_labels, labels, ...) with k, or None for a plain encoder."""
+        task = self.manifest.get("task")
+        return {**task, "k": self.k} if task else None
+
     def file(self, name: str) -> Path:
         return self.path / name
 

@@ -1,4 +1,4 @@
-"""The user API: `load(bundle)` -> Model with `embed`, `forward` and `fill_mask`."""
+"""The user API: `load(bundle)` -> Model with `embed`, `predict`, `forward` and `fill_mask`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,33 @@ import numpy as np
 from .bundle import Bundle
 from .engines import open_runner
 from .errors import InputError, UtrError
+from .parity import task_outputs
 from .tokenizer import foreign_letter
 from .windows import Window, plan_batches, split_windows
 
 POOLINGS = ("mean", "cls", "tokens")
+AGGREGATES = ("mean", "max", None)
+
+
+def _stitch(pieces: dict[int, list[tuple[int, np.ndarray]]]) -> list[np.ndarray]:
+    """Each sequence's owned rows, concatenated in order of their first row."""
+    return [np.concatenate([rows for _, rows in sorted(pieces[i], key=lambda p: p[0])]) for i in range(len(pieces))]
+
+
+def _aggregate(pieces: dict[int, list[tuple[int, np.ndarray]]], weights: dict[int, list[int]], how: str | None):
+    """Sequence-level outputs of each sequence's windows (in window order): the mean weighted by the k-mers each
+    window owns, the max, or all of them (None)."""
+    out = []
+    for i in range(len(pieces)):
+        order = np.argsort([start for start, _ in pieces[i]], kind="stable")
+        rows = np.stack([pieces[i][j][1] for j in order])
+        if how == "mean":
+            w = np.asarray(weights[i], np.float64)[order]
+            rows = (rows * w[:, None]).sum(0) / w.sum()
+        elif how == "max":
+            rows = rows.max(0)
+        out.append(rows.astype(np.float32))
+    return out if how is None else np.stack(out)
 
 
 def load(bundle: str | os.PathLike | Bundle, precision: str = "fp32", device: str = "cpu", threads: int | None = None) -> "Model":
@@ -108,28 +131,18 @@ class Model:
         ]
         sums = np.zeros((len(sequences), self.hidden_size), np.float64)
         counts = np.zeros(len(sequences), np.int64)
-        pieces: dict[int, list[tuple[int, np.ndarray]]] = {i: [] for i in range(len(sequences))} if pooling == "tokens" else {}
-        done = 0
-        for batch in plan_batches([w.length + 2 for w in windows], max_batch_tokens, batch_size):
-            chosen = [windows[j] for j in batch]
-            hidden = self._run_windows(chosen, kmers)
-            for w, rows in zip(chosen, hidden):
-                owned = rows[1 + w.own_start - w.start : 1 + w.own_end - w.start]  # row 0 is <cls>
-                n_owned = w.own_end - w.own_start
-                if pooling == "mean":
-                    sums[w.sequence] += owned.sum(0, dtype=np.float64)
-                elif pooling == "cls":
-                    sums[w.sequence] += n_owned * rows[0].astype(np.float64)
-                else:
-                    pieces[w.sequence].append((w.own_start, owned))
-                counts[w.sequence] += n_owned
-            done += len(chosen)
-            if progress:
-                progress(done)
-        if pooling == "tokens":
-            out = [np.concatenate([rows for _, rows in sorted(pieces[i], key=lambda p: p[0])]) for i in range(len(sequences))]
-        else:
-            out = (sums / counts[:, None]).astype(np.float32)
+        pieces: dict[int, list[tuple[int, np.ndarray]]] = {i: [] for i in range(len(sequences))}
+        for w, rows in self._window_outputs(windows, kmers, "last_hidden_state", batch_size, max_batch_tokens, progress):
+            owned = rows[1 + w.own_start - w.start : 1 + w.own_end - w.start]  # row 0 is <cls>
+            n_owned = w.own_end - w.own_start
+            if pooling == "mean":
+                sums[w.sequence] += owned.sum(0, dtype=np.float64)
+            elif pooling == "cls":
+                sums[w.sequence] += n_owned * rows[0].astype(np.float64)
+            else:
+                pieces[w.sequence].append((w.own_start, owned))
+            counts[w.sequence] += n_owned
+        out = _stitch(pieces) if pooling == "tokens" else (sums / counts[:, None]).astype(np.float32)
         return out[0] if single else out
 
     def _kmers(self, sequences: list[str], strict: bool) -> list[np.ndarray]:
@@ -146,13 +159,98 @@ class Model:
                 raise InputError(f"no {self.k}-mer to embed: the sequence is empty or shorter than k={self.k}", index=i)
         return [row[1:-1] for row in rows]
 
-    def _run_windows(self, windows: list[Window], kmers: list[np.ndarray]) -> list[np.ndarray]:
-        """last_hidden_state rows of each window (<cls>, its k-mers, <eos>), unpadded."""
+    def _window_outputs(self, windows: list[Window], kmers: list[np.ndarray], name: str, batch_size: int, max_batch_tokens: int, progress):
+        """(window, its rows of output `name`, unpadded) for every window, run in length-sorted batches."""
+        done = 0
+        for batch in plan_batches([w.length + 2 for w in windows], max_batch_tokens, batch_size):
+            chosen = [windows[j] for j in batch]
+            yield from zip(chosen, self._run_windows(chosen, kmers, name))
+            done += len(chosen)
+            if progress:
+                progress(done)
+
+    def _run_windows(self, windows: list[Window], kmers: list[np.ndarray], name: str) -> list[np.ndarray]:
+        """One output's rows for each window, without padding: last_hidden_state (<cls>, k-mers, <eos>), or
+        task_logits (the sequence's row, its nucleotides, or its k-mer pairs)."""
         tok = self.tokenizer
         rows = [tok.with_specials(kmers[w.sequence][w.start : w.end]) for w in windows]
         input_ids, attention_mask = tok.pad(rows)
-        hidden = self.forward(input_ids, attention_mask)["last_hidden_state"]
-        return [hidden[j, : len(r)] for j, r in enumerate(rows)]
+        out = self.forward(input_ids, attention_mask)[name]
+        level = self.task["level"] if name == "task_logits" else None
+        if level == "sequence":
+            return list(out)
+        if level == "nucleotide":
+            return [out[j, : w.length + self.k - 1] for j, w in enumerate(windows)]
+        if level == "contact":
+            return [out[j, : w.length, : w.length] for j, w in enumerate(windows)]
+        return [out[j, : len(r)] for j, r in enumerate(rows)]
+
+    # ------------------------------------------------------------------------------------------ predict
+    @property
+    def task(self) -> dict | None:
+        """The task head's record from the manifest (level, problem_type, num_labels, labels, ...), or None."""
+        return self.bundle.task
+
+    @property
+    def labels(self) -> list[str]:
+        """Names of the task head's outputs, in the order of predict()'s last axis."""
+        return list(self._require_task()["labels"])
+
+    def _require_task(self) -> dict:
+        if self.task is None:
+            raise UtrError("this bundle has no task head; build it from a fine-tuned checkpoint (UtrBertFor{Sequence,Token,Contact}Prediction)")
+        return self.task
+
+    def predict(
+        self,
+        sequences: str | Sequence[str],
+        logits: bool = False,
+        aggregate: str | None = "mean",
+        batch_size: int = 64,
+        max_batch_tokens: int = 8192,
+        overlap: int = 64,
+        strict: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ):
+        """The task head's predictions, float32, last axis = `labels`: probabilities (sigmoid for binary and
+        multilabel, softmax for multiclass) or values (regression); `logits=True` gives the raw head outputs.
+
+        sequence level:   (N, num_labels). A sequence longer than one window is predicted per window; `aggregate`
+                          combines them: "mean" (weighted by the k-mers each window owns), "max", or None for a
+                          list of (windows, num_labels) arrays, windows in sequence order.
+        nucleotide level: a list of (len(sequence), num_labels) arrays, one row per nucleotide; long sequences are
+                          stitched from windows, each nucleotide taken from the window where it sits farther from the edge.
+        contact level:    a list of (n, n, num_labels) arrays over the n k-mers; a sequence must fit one window.
+        """
+        task = self._require_task()
+        if aggregate not in AGGREGATES:
+            raise InputError(f"aggregate must be one of {', '.join(map(str, AGGREGATES))}, got {aggregate!r}")
+        single = isinstance(sequences, str)
+        sequences = [sequences] if single else list(sequences)
+        kmers = self._kmers(sequences, strict)
+        level, window = task["level"], self.max_tokens - 2
+        if level == "contact":
+            for i, ids in enumerate(kmers):
+                if len(ids) > window:
+                    raise InputError(f"{len(ids)} {self.k}-mers; a contact map covers one window, at most {window} {self.k}-mers "
+                                     f"({window + self.k - 1} nt)", index=i)
+        extent = self.k - 1 if level == "nucleotide" else 0
+        windows = [w for i, ids in enumerate(kmers) for w in split_windows(i, len(ids), window, overlap, extent)]
+        finish = (lambda x: x.astype(np.float32)) if logits else (lambda x: task_outputs(task["problem_type"], x))
+        pieces: dict[int, list[tuple[int, np.ndarray]]] = {i: [] for i in range(len(sequences))}
+        weights: dict[int, list[int]] = {i: [] for i in range(len(sequences))}
+        for w, rows in self._window_outputs(windows, kmers, "task_logits", batch_size, max_batch_tokens, progress):
+            if level == "nucleotide":
+                rows = rows[w.own_start - w.start : w.own_end - w.start]
+            pieces[w.sequence].append((w.own_start, finish(rows)))
+            weights[w.sequence].append(w.own_end - w.own_start)
+        if level == "sequence":
+            out = _aggregate(pieces, weights, aggregate)
+        elif level == "nucleotide":
+            out = _stitch(pieces)
+        else:
+            out = [pieces[i][0][1] for i in range(len(sequences))]
+        return out[0] if single else out
 
     # ------------------------------------------------------------------------------------------ fill-mask
     def fill_mask(self, text: str | Sequence[str], top_k: int = 5):

@@ -41,7 +41,7 @@ def verify(bundle: Bundle | str | os.PathLike, precisions=None, device: str = "c
     for label, precision, runner in _runners(bundle, precisions, device, threads):
         candidate = runner.run(feeds)
         candidate["mean_pooled"] = mean_pooled(candidate["last_hidden_state"], mask)
-        for result in compare(reference, candidate, TOLERANCES[precision], mask):
+        for result in compare(reference, candidate, TOLERANCES[precision], mask, bundle.task):
             rows.append({"precision": label, **result.as_dict()})
     return rows
 

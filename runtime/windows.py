@@ -25,7 +25,7 @@ class Window:
     sequence: int  # index of the input sequence
     start: int  # first k-mer of the window (0-based, in the sequence's k-mers)
     end: int  # one past its last k-mer
-    own_start: int  # first k-mer this window contributes to the stitched output
+    own_start: int  # first row this window contributes to the stitched output (a k-mer, or a nucleotide)
     own_end: int
 
     @property
@@ -49,10 +49,15 @@ def window_bounds(n: int, window: int, overlap: int) -> list[tuple[int, int]]:
     return [(round(i * step), round(i * step) + length) for i in range(count)]
 
 
-def split_windows(sequence: int, n: int, window: int, overlap: int) -> list[Window]:
+def split_windows(sequence: int, n: int, window: int, overlap: int, extent: int = 0) -> list[Window]:
+    """Windows over n k-mers, each owning the part of the output where it sits farther from its edges.
+
+    extent: how far a window's output reaches past its last k-mer. 0 for k-mer rows; k - 1 for nucleotide rows
+    (k-mers [start, end) cover nucleotides [start, end + k - 1)), whose ownership is then in nucleotides.
+    """
     bounds = window_bounds(n, window, overlap)
-    # Ownership changes hands in the middle of each overlap.
-    cuts = [0] + [(bounds[i + 1][0] + bounds[i][1]) // 2 for i in range(len(bounds) - 1)] + [n]
+    # Ownership changes hands in the middle of each overlap (an odd overlap's middle row goes to the right window).
+    cuts = [0] + [(bounds[i + 1][0] + bounds[i][1] + extent) // 2 for i in range(len(bounds) - 1)] + [n + extent]
     return [Window(sequence, s, e, cuts[i], cuts[i + 1]) for i, (s, e) in enumerate(bounds)]
 
 
