@@ -1,7 +1,7 @@
 """The `utrexport` command line.
 
-torch is imported only inside the commands that export (`build`), so `verify`, `embed`, `fill-mask` and
-`bench` of ONNX bundles work where torch is not installed.
+torch is imported only inside the commands that export (`build`), so `verify`, `embed`, `predict`, `fill-mask`
+and `bench` of ONNX bundles work where torch is not installed.
 """
 
 from __future__ import annotations
@@ -154,56 +154,114 @@ def engine(bundle, precision, profiles) -> None:
     click.echo(f"verify it with: utrexport verify {bundle} --device tensorrt")
 
 
+def _model_options(fn):
+    """Options of every command that runs a bundle's model on sequences from a file."""
+    options = [
+        click.option("--precision", default="fp32", show_default=True, help="fp32, fp16 or int8 (what the bundle holds)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True),
+        click.option("--column", help="Sequence column of a TSV/CSV input [default: sequence or seq]."),
+        click.option("--strict", is_flag=True, help="Refuse sequences with characters other than A, C, G, U, T, N."),
+        click.option("--overlap", type=click.IntRange(0, 500), default=64, show_default=True, help="k-mers shared by neighbouring windows."),
+        click.option("--batch-tokens", type=click.IntRange(512), default=8192, show_default=True, help="Token budget of one batch."),
+        click.option("--chunk", type=click.IntRange(1), default=512, show_default=True, help="Sequences read, run and written at a time."),
+        click.option("--threads", type=click.IntRange(1), help="Engine threads [default: all cores]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=str))
 @click.argument("input", metavar="INPUT", type=str)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str), help="Output file: .npy, .npz (ids + vectors) or .parquet.")
 @click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True)
-@click.option("--precision", default="fp32", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
-@click.option("--column", help="Sequence column of a TSV/CSV input [default: sequence or seq].")
-@click.option("--strict", is_flag=True, help="Refuse sequences with characters other than A, C, G, U, T, N.")
 @click.option("--truncate", is_flag=True, help="Embed only the first window of long sequences instead of all windows.")
-@click.option("--overlap", type=click.IntRange(0, 500), default=64, show_default=True, help="k-mers shared by neighbouring windows.")
-@click.option("--batch-tokens", type=click.IntRange(512), default=8192, show_default=True, help="Token budget of one batch.")
-@click.option("--chunk", type=click.IntRange(1), default=512, show_default=True, help="Sequences read, embedded and written at a time.")
-@click.option("--threads", type=click.IntRange(1), help="Engine threads [default: all cores].")
+@_model_options
 @_fail_cleanly
-def embed(bundle, input, output, pooling, precision, device, column, strict, truncate, overlap, batch_tokens, chunk, threads) -> None:
+def embed(bundle, input, output, pooling, truncate, precision, device, column, strict, overlap, batch_tokens, chunk, threads) -> None:
     """Embed the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin): one vector per sequence."""
-    import itertools
-    import time
-
     import utr_runtime
-    from utr_runtime.errors import InputError
-    from utr_runtime.sequences import read_sequences
-    from utr_runtime.tokenizer import foreign_letter
 
     from .writers import open_writer
 
     model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads)
+
+    def run(seqs):
+        return model.embed(seqs, pooling=pooling, max_batch_tokens=batch_tokens, overlap=overlap, truncation=truncate, strict=strict)
+
+    with open_writer(output, model.hidden_size) as writer:
+        _stream(input, column, chunk, run, writer)
+    click.echo(f"{writer.rows} embeddings ({model.hidden_size}-d, {pooling} pooling) written to {output}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.argument("input", metavar="INPUT", type=str)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Sequence level: .tsv, .csv or .parquet. Nucleotide level: .npz or .parquet. Contact level: .npz.")
+@click.option("--logits", is_flag=True, help="Write the head's raw outputs instead of probabilities.")
+@click.option("--aggregate", type=click.Choice(["mean", "max"]), default="mean", show_default=True,
+              help="Sequence level: how the windows of a sequence longer than one window are combined.")
+@_model_options
+@_fail_cleanly
+def predict(bundle, input, output, logits, aggregate, precision, device, column, strict, overlap, batch_tokens, chunk, threads) -> None:
+    """Run a fine-tuned bundle's task head on the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin)."""
+    import utr_runtime
+    from utr_runtime.model import NO_TASK
+    from utr_runtime.parity import task_outputs
+
+    from .writers import open_prediction_writer
+
+    model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads)
+    task = model.task
+    if task is None:
+        raise CommandError(f"{bundle}: {NO_TASK}")
+
+    def run(seqs):
+        values = model.predict(seqs, logits=logits, aggregate=aggregate, max_batch_tokens=batch_tokens, overlap=overlap, strict=strict)
+        if task["level"] != "sequence":
+            return values
+        return values, task_outputs(task["problem_type"], values) if logits else values
+
+    with open_prediction_writer(output, task) as writer:
+        _stream(input, column, chunk, run, writer)
+    what = "raw outputs" if logits else ("values" if task["problem_type"] == "regression" else "probabilities")
+    click.echo(f"{task['level']}-level {what} of {writer.rows} sequences ({', '.join(task['labels'])}) written to {output}")
+
+
+def _stream(input: str, column: str | None, chunk: int, run, writer) -> None:
+    """Read INPUT `chunk` records at a time, `run` them and write the results, with progress on a terminal.
+
+    A record-level error names the record; no output is left behind unless every record went through.
+    """
+    import itertools
+    import time
+
+    from utr_runtime.errors import InputError
+    from utr_runtime.sequences import read_sequences
+    from utr_runtime.tokenizer import foreign_letter
+
     records = read_sequences(input, column=column)
     progress = _Progress()
     start, total_nt, unknown = time.perf_counter(), 0, 0
-    with open_writer(output, model.hidden_size) as writer:
-        while batch := list(itertools.islice(records, chunk)):
-            names, seqs = [n for n, _ in batch], [s for _, s in batch]
-            try:
-                vectors = model.embed(seqs, pooling=pooling, max_batch_tokens=batch_tokens, overlap=overlap, truncation=truncate, strict=strict)
-            except InputError as e:
-                if e.index is None:
-                    raise
-                raise InputError(f"{input}: record {names[e.index]!r}: {e.detail}") from None
-            writer.write(names, vectors)
-            total_nt += sum(map(len, seqs))
-            unknown += sum(1 for s in seqs if foreign_letter(s))
-            progress.update(f"{writer.rows} sequences, {total_nt / 1e6:.2f} Mnt, {total_nt / (time.perf_counter() - start):,.0f} nt/s")
-        if writer.rows == 0:
-            raise InputError(f"{input}: no sequences")
+    while batch := list(itertools.islice(records, chunk)):
+        names, seqs = [n for n, _ in batch], [s for _, s in batch]
+        try:
+            result = run(seqs)
+        except InputError as e:
+            if e.index is None:
+                raise
+            raise InputError(f"{input}: record {names[e.index]!r}: {e.detail}") from None
+        writer.write(names, result)
+        total_nt += sum(map(len, seqs))
+        unknown += sum(1 for s in seqs if foreign_letter(s))
+        progress.update(f"{writer.rows} sequences, {total_nt / 1e6:.2f} Mnt, {total_nt / (time.perf_counter() - start):,.0f} nt/s")
+    if writer.rows == 0:
+        raise InputError(f"{input}: no sequences")
     progress.done()
     if unknown:
         _log(f"note: {unknown} sequences hold characters other than A, C, G, U, T, N; the k-mers holding them were read as <unk> (--strict refuses them)")
-    click.echo(f"{writer.rows} embeddings ({model.hidden_size}-d, {pooling} pooling) written to {output}")
 
 
 @main.command("fill-mask")

@@ -1,4 +1,9 @@
-"""Streaming writers for embeddings: .npy (vectors), .npz (ids + vectors), .parquet (id, vector).
+"""Streaming writers for embeddings and predictions.
+
+embeddings:             .npy (vectors), .npz (ids + vectors), .parquet (id, vector)
+sequence predictions:   .tsv / .csv / .parquet (id, label, one column per label)
+nucleotide predictions: .npz (ids, lengths, values: every sequence's rows, concatenated) or .parquet (id, values)
+contact predictions:    .npz (ids, lengths n, values: every sequence's n x n rows, concatenated)
 
 Rows arrive chunk by chunk and go to a hidden temporary file beside the target; `close` renames it into
 place, `abort` removes it. A half-written output never carries the target's name.
@@ -6,6 +11,7 @@ place, `abort` removes it. A half-written output never carries the target's name
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import shutil
@@ -18,16 +24,71 @@ import numpy as np
 from utr_runtime.errors import UtrError
 
 FORMATS = (".npy", ".npz", ".parquet")
+PREDICTION_FORMATS = {"sequence": (".tsv", ".csv", ".parquet"), "nucleotide": (".npz", ".parquet"), "contact": (".npz",)}
 
 
 def open_writer(path: str | os.PathLike, dim: int):
+    """A writer of embeddings: write(ids, vectors (N, dim))."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return ParquetWriter(path, dim)
+        return ParquetWriter(path, lambda pa: [("vector", pa.list_(pa.float32(), dim))], _vector_columns)
     if suffix in (".npy", ".npz"):
         return NumpyWriter(path, dim)
     raise UtrError(f"{path}: output must end in {', '.join(FORMATS)}")
+
+
+def open_prediction_writer(path: str | os.PathLike, task: dict):
+    """A writer of predict() results for a task: write(ids, predictions) with predictions as predict() returns them."""
+    path = Path(path)
+    level, suffix = task["level"], path.suffix.lower()
+    if suffix not in PREDICTION_FORMATS[level]:
+        raise UtrError(f"{path}: {level}-level predictions are written as {', '.join(PREDICTION_FORMATS[level])}")
+    n = task["num_labels"]
+    if level == "sequence":
+        if suffix == ".parquet":
+            fields = lambda pa: [("label", pa.string())] * _decides(task) + [(name, pa.float32()) for name in task["labels"]]
+            return ParquetWriter(path, fields, lambda pa, rows: _label_columns(task, rows))
+        return TableWriter(path, task)
+    if suffix == ".parquet":
+        return ParquetWriter(path, lambda pa: [("values", pa.list_(pa.list_(pa.float32(), n)))], _ragged_columns)
+    return NumpyWriter(path, n, name="values", ragged=True)
+
+
+def decide(task: dict, probabilities: np.ndarray) -> list[str]:
+    """The label each row of sequence-level probabilities stands for: the class (multiclass), the label or its
+    negation (binary), the labels at or over 0.5 joined by ';' (multilabel)."""
+    names = task["labels"]
+    if task["problem_type"] == "multiclass":
+        return [names[i] for i in probabilities.argmax(-1)]
+    if task["problem_type"] == "binary" and len(names) == 1:
+        negative = task.get("negative_label") or f"not {names[0]}"
+        return [names[0] if p >= 0.5 else negative for p in probabilities[:, 0]]
+    return [";".join(name for name, p in zip(names, row) if p >= 0.5) for row in probabilities]
+
+
+def _decides(task: dict) -> int:
+    return int(task["problem_type"] != "regression")
+
+
+def _vector_columns(pa, vectors: np.ndarray) -> dict:
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+    return {"vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])}
+
+
+def _label_columns(task: dict, rows) -> dict:
+    values, probabilities = rows
+    columns = {"label": decide(task, probabilities)} if _decides(task) else {}
+    columns.update({name: np.ascontiguousarray(values[:, i], np.float32) for i, name in enumerate(task["labels"])})
+    return columns
+
+
+def _ragged_columns(pa, arrays: list[np.ndarray]) -> dict:
+    n = arrays[0].shape[-1] if arrays else 1
+    flat = pa.array(np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float32) if arrays else np.zeros(0, np.float32))
+    rows = pa.FixedSizeListArray.from_arrays(flat, n)
+    offsets = pa.array(np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32))
+    return {"values": pa.ListArray.from_arrays(offsets, rows)}
 
 
 class _Atomic:
@@ -51,21 +112,35 @@ class _Atomic:
 
 
 class NumpyWriter(_Atomic):
-    """Vectors stream to a raw scratch file; `close` writes the .npy header (now that N is known) and the data."""
+    """Rows stream to a raw scratch file; `close` writes the .npy header (now that the row count is known) and the data.
 
-    def __init__(self, path: Path, dim: int):
+    ragged: each record is an array of rows of its own length (nucleotides, or n x n contact pairs); the .npz then
+    holds `lengths` (rows per record, or n for a contact map) and `values` (all records' rows, concatenated).
+    """
+
+    def __init__(self, path: Path, dim: int, name: str = "vectors", ragged: bool = False):
         super().__init__(path)
-        self.dim = dim
+        if ragged and path.suffix.lower() != ".npz":
+            raise UtrError(f"{path}: this output is ragged (one array per record): write it as .npz")
+        self.dim, self.name, self.ragged = dim, name, ragged
         self.ids: list[str] = []
+        self.lengths: list[int] = []
+        self.value_rows = 0
         self.scratch = tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.rows-")
 
-    def write(self, ids: list[str], vectors: np.ndarray) -> None:
-        self.scratch.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+    def write(self, ids: list[str], vectors) -> None:
+        arrays = list(vectors) if self.ragged else [vectors]
+        for array in arrays:
+            array = np.ascontiguousarray(array, dtype=np.float32)
+            self.scratch.write(array.tobytes())
+            self.value_rows += array.size // self.dim
+        if self.ragged:
+            self.lengths.extend(len(a) for a in arrays)
         self.ids.extend(ids)
         self.rows += len(ids)
 
     def _write_npy(self, out) -> None:
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": (self.rows, self.dim)}
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": (self.value_rows, self.dim)}
         np.lib.format.write_array_header_1_0(out, header)
         self.scratch.seek(0)
         shutil.copyfileobj(self.scratch, out, 1 << 20)
@@ -77,10 +152,10 @@ class NumpyWriter(_Atomic):
                     self._write_npy(out)
             else:
                 with zipfile.ZipFile(self.partial, "w", allowZip64=True) as archive:
-                    buffer = io.BytesIO()
-                    np.save(buffer, np.array(self.ids, dtype=str))
-                    archive.writestr("ids.npy", buffer.getvalue())
-                    with archive.open("vectors.npy", "w", force_zip64=True) as out:
+                    _add_array(archive, "ids", np.array(self.ids, dtype=str))
+                    if self.ragged:
+                        _add_array(archive, "lengths", np.array(self.lengths, dtype=np.int64))
+                    with archive.open(f"{self.name}.npy", "w", force_zip64=True) as out:
                         self._write_npy(out)
             os.replace(self.partial, self.path)
         finally:
@@ -92,23 +167,56 @@ class NumpyWriter(_Atomic):
         super().abort()
 
 
+def _add_array(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    archive.writestr(f"{name}.npy", buffer.getvalue())
+
+
+class TableWriter(_Atomic):
+    """Sequence-level predictions as a TSV or CSV table: id, label (not for regression), one column per label."""
+
+    def __init__(self, path: Path, task: dict):
+        super().__init__(path)
+        self.task = task
+        self.file = open(self.partial, "w", newline="", encoding="utf-8")
+        self.table = csv.writer(self.file, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", lineterminator="\n")
+        self.table.writerow(["id"] + ["label"] * _decides(task) + list(task["labels"]))
+
+    def write(self, ids: list[str], rows) -> None:
+        values, probabilities = rows
+        decided = decide(self.task, probabilities) if _decides(self.task) else [None] * len(ids)
+        for name, label, row in zip(ids, decided, values):
+            self.table.writerow([name] + ([label] if label is not None else []) + [f"{v:.6g}" for v in row])
+        self.rows += len(ids)
+
+    def close(self) -> None:
+        self.file.close()
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        super().abort()
+
+
 class ParquetWriter(_Atomic):
-    def __init__(self, path: Path, dim: int):
+    """An `id` column and the columns `fields(pa)` names, filled by `columns(pa, rows)` for each chunk."""
+
+    def __init__(self, path: Path, fields, columns):
         super().__init__(path)
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise UtrError("parquet output needs pyarrow: pip install 'utrexport[parquet]'") from None
-        self.pa = pa
-        self.schema = pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), dim))])
+        self.pa, self.columns = pa, columns
+        self.schema = pa.schema([("id", pa.string()), *fields(pa)])
         self.writer = pq.ParquetWriter(str(self.partial), self.schema)
 
-    def write(self, ids: list[str], vectors: np.ndarray) -> None:
+    def write(self, ids: list[str], rows) -> None:
         pa = self.pa
-        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
-        column = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
-        self.writer.write_table(pa.Table.from_arrays([pa.array(ids, pa.string()), column], schema=self.schema))
+        columns = {"id": pa.array(ids, pa.string()), **self.columns(pa, rows)}
+        self.writer.write_table(pa.Table.from_pydict(columns, schema=self.schema))
         self.rows += len(ids)
 
     def close(self) -> None:

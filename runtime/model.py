@@ -16,6 +16,7 @@ from .windows import Window, plan_batches, split_windows
 
 POOLINGS = ("mean", "cls", "tokens")
 AGGREGATES = ("mean", "max", None)
+NO_TASK = "this bundle has no task head; build it from a fine-tuned checkpoint (UtrBertFor{Sequence,Token,Contact}Prediction)"
 
 
 def _stitch(pieces: dict[int, list[tuple[int, np.ndarray]]]) -> list[np.ndarray]:
@@ -198,7 +199,7 @@ class Model:
 
     def _require_task(self) -> dict:
         if self.task is None:
-            raise UtrError("this bundle has no task head; build it from a fine-tuned checkpoint (UtrBertFor{Sequence,Token,Contact}Prediction)")
+            raise UtrError(NO_TASK)
         return self.task
 
     def predict(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import zlib
 import os
 
 import pytest
@@ -80,3 +81,54 @@ def padded_real_batch(k: int, n: int = 5, max_tokens: int = 200, source: str = "
 
     seqs = [s for _, s in real_sequences(source)][: n * 7 : 7]
     return KmerTokenizer(k)(seqs, padding=True, truncation=True, max_length=max_tokens)
+
+
+# Task heads as multimolecule builds them: class name per level, and settings that exercise every head option.
+TASK_CLASSES = {"sequence": "UtrBertForSequencePrediction", "nucleotide": "UtrBertForTokenPrediction", "contact": "UtrBertForContactPrediction"}
+TASK_HEADS = {
+    "binary": {"num_labels": 1},
+    "multiclass": {"num_labels": 3, "transform": "nonlinear"},
+    "multilabel": {"num_labels": 4, "transform": "linear", "bias": False},
+    "regression": {"num_labels": 2, "transform": "nonlinear", "transform_act": "relu", "act": "tanh"},
+}
+
+
+@pytest.fixture(scope="session")
+def task_checkpoint(tmp_path_factory):
+    """factory(k, level, problem_type) -> (folder, model): a 2-layer random fine-tuned checkpoint (save_pretrained)."""
+    made = {}
+
+    def make(k: int, level: str, problem_type: str):
+        key = (k, level, problem_type)
+        if key not in made:
+            mm = multimolecule()
+            import torch
+
+            torch.manual_seed(zlib.crc32(repr(key).encode()))  # str hashes differ per process
+            head = {"problem_type": problem_type, **TASK_HEADS[problem_type]}
+            config = mm.UtrBertConfig(nmers=k, head=head, id2label={i: f"label{i}" for i in range(head["num_labels"])}, **TINY)
+            model = getattr(mm, TASK_CLASSES[level])(config).eval()
+            folder = tmp_path_factory.mktemp(f"task{k}{level}{problem_type}")
+            model.save_pretrained(folder)
+            made[key] = (folder, model)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def task_bundle(task_checkpoint, tmp_path_factory):
+    """factory(k, level, problem_type) -> fp32 bundle folder of that task checkpoint."""
+    built = {}
+
+    def make(k: int, level: str, problem_type: str):
+        if (k, level, problem_type) not in built:
+            from utrexport import checkpoints
+            from utrexport.build import build_bundle
+
+            folder, _ = task_checkpoint(k, level, problem_type)
+            out = tmp_path_factory.mktemp("task-bundles") / f"b{k}{level}{problem_type}"
+            built[k, level, problem_type] = build_bundle(checkpoints.from_folder(folder, k), out, log=lambda m: None)
+        return built[k, level, problem_type]
+
+    return make
