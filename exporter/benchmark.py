@@ -278,18 +278,28 @@ def fixed_length_sequences(n: int, length: int) -> list[str]:
     return [text[i * length : (i + 1) * length] for i in range(n)]
 
 
+ISA_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")  # what CPU inference speed turns on
+
+
 def machine() -> dict:
+    """CPU model, the ISA extensions that matter for inference, cores, Python and platform."""
     import os
 
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    return {"cpu": cpu, "isa": [f for f in ISA_FLAGS if f in flags], "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def describe_machine(m: dict) -> str:
+    return f"{m['cpu']} ({', '.join(m.get('isa', [])) or 'no AVX2'}), {m['cores']} cores"
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -342,7 +352,7 @@ def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, dev
 def to_markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"Command: `{result['command']}`" if result.get("command") else "",
-        f"Machine: {m['cpu']}, {m['cores']} cores; {result['threads']} threads; device {result['device']}; {result['date']}.",
+        f"Machine: {describe_machine(m)}; {result['threads']} threads; device {result['device']}; {result['date']}.",
         f"Model: k={result['model']['k']}, {result['model']['num_hidden_layers']} layers, hidden {result['model']['hidden_size']} "
         f"({'trained' if result['trained'] else 'random-init'} weights; speed does not depend on them), "
         f"{result['flops_per_token_mflop']:.0f} MFLOP per token plus attention.",

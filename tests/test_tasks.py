@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -321,3 +322,47 @@ def test_a_precision_below_its_gate_is_left_out(task_checkpoint, tmp_path, monke
     result = CliRunner().invoke(main, args + ["--force", "--precision", "fp32,int8"])
     assert result.exit_code == 1 and "int8 did not pass its accuracy gate" in result.output
     assert Bundle(tmp_path / "b").precisions == ["fp32"], "the bundle is still written with what passed"
+
+
+# ------------------------------------------------------------------------------------------------ a trained model
+TRAINED = Path(__file__).parent / "data" / "utrbert-3mer-dev-classifier"
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(tmp_path_factory):
+    from utrexport.build import build_bundle
+
+    out = tmp_path_factory.mktemp("trained") / "bundle"
+    return build_bundle(checkpoints.from_folder(TRAINED, 3), out, ("fp32", "fp16", "int8"), log=lambda m: None)
+
+
+def test_trained_classifier_keeps_its_decisions_in_every_precision(trained_bundle):
+    """The classifier fine-tuned on real labelled windows (tests/data/make_task_model.py): fp32 reproduces its
+    PyTorch AUROC on the held-out windows, and fp16 / int8 keep its decisions (benchmarks/task_accuracy.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("task_accuracy", Path(__file__).parents[1] / "benchmarks" / "task_accuracy.py")
+    task_accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task_accuracy)
+    bundle = Bundle(trained_bundle)
+    assert bundle.precisions == ["fp32", "fp16", "int8"] and "left_out" not in bundle.manifest
+    assert bundle.task["labels"] == ["positive"] and bundle.task["negative_label"] == "negative"
+    _, _, metrics = task_accuracy.held_out()
+    rows = {row["model"].split(" ")[0]: row for row in task_accuracy.measure(trained_bundle)}
+    assert set(rows) == {"fp32", "fp16", "int8", "int8/cpu"}
+    assert metrics["held_out_auroc_pytorch"] > 0.7, "the shipped model learned something"
+    assert rows["fp32"]["auroc"] == pytest.approx(metrics["held_out_auroc_pytorch"], abs=1e-4)
+    assert rows["fp16"]["flipped"] == 0 and rows["fp16"]["prob_max_abs"] < 1e-3
+    for name in ("int8", "int8/cpu"):
+        assert abs(rows[name]["auroc"] - rows["fp32"]["auroc"]) < 0.01 and rows[name]["flipped"] < 0.02, rows[name]
+
+
+def test_trained_classifier_predict_equals_multimolecule(trained_bundle):
+    multimolecule = pytest.importorskip("multimolecule")
+    reference = multimolecule.UtrBertForSequencePrediction.from_pretrained(TRAINED).eval()
+    model = utr_runtime.load(trained_bundle)
+    seqs = [s for _, s in real_sequences("utrbert_dev_100nt.tsv")][:64]
+    batch = model.tokenizer(seqs, padding=True)
+    ref = reference_logits(reference, batch["input_ids"], batch["attention_mask"])
+    np.testing.assert_allclose(model.predict(seqs, logits=True), ref, atol=ATOL)
+    np.testing.assert_allclose(model.predict(seqs), task_outputs("binary", ref), atol=ATOL)
