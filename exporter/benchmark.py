@@ -103,7 +103,7 @@ def make_path(key: str, bundle, threads: int, device: str) -> Path:
     from .network import UtrBert, UtrBertConfig
 
     fields = {k: v for k, v in config.items() if k in UtrBertConfig.__dataclass_fields__}
-    module = UtrBert(UtrBertConfig(**{**fields, "lm_head": False})).init_weights(0).eval().to(where)
+    module = UtrBert(UtrBertConfig(**{**fields, "lm_head": False, "task": None})).init_weights(0).eval().to(where)
     if key == "module-fp16":
         module = module.half()
     return Path(f"utrexport module (PyTorch {where}{' fp16' if key == 'module-fp16' else ''})", _torch_call(lambda i, m: module(i, m), where))
@@ -122,14 +122,50 @@ def _torch_call(fn, where: str = "cpu"):
     return run
 
 
-def _multimolecule_config(config: dict):
-    """The reference's config for a bundle's architecture."""
+def _multimolecule_config(config: dict, task: dict | None = None):
+    """The reference's config for a bundle's architecture (and task head)."""
     import multimolecule
 
+    head = {"num_labels": task["num_labels"], "problem_type": task["problem_type"], **task["head"]} if task else None
     return multimolecule.UtrBertConfig(
         nmers=config["k"], hidden_size=config["hidden_size"], num_hidden_layers=config["num_hidden_layers"],
-        num_attention_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
+        num_attention_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"], head=head,
     )
+
+
+TASK_CLASSES = {"sequence": "UtrBertForSequencePrediction", "nucleotide": "UtrBertForTokenPrediction", "contact": "UtrBertForContactPrediction"}
+
+
+def bench_predict(bundle, precisions, threads: int, repeats: int, n: int = 128, batch: int = 64) -> list[dict]:
+    """predict() on n real 100-nt windows (the fine-tuning data's length), per precision, against multimolecule's
+    task model of the same architecture and head (random weights: speed does not depend on them) run on the same
+    windows in batches of `batch` rows, its tokenizer included as ours is."""
+    import utr_runtime
+
+    seqs = evenly_sampled("utrbert_dev_100nt.tsv", n)
+    runs = {}
+    if _installed("multimolecule") and _installed("torch"):
+        import multimolecule
+        import torch
+
+        torch.set_num_threads(threads)
+        config = {**bundle.manifest["model"]["config"], "k": bundle.k}
+        reference = getattr(multimolecule, TASK_CLASSES[bundle.task["level"]])(_multimolecule_config(config, bundle.task)).eval()
+        tokenizer = multimolecule.RnaTokenizer(nmers=bundle.k)
+
+        def forward():
+            with torch.inference_mode():
+                for first in range(0, len(seqs), batch):
+                    reference(**tokenizer(seqs[first : first + batch], padding=True, return_tensors="pt"))
+
+        runs["multimolecule forward (PyTorch)"] = forward
+    for precision in precisions or bundle.precisions:
+        model = utr_runtime.load(bundle, precision=precision, threads=threads)
+        runs[f"utr_runtime predict, ONNX Runtime {precision}"] = lambda model=model: model.predict(seqs, batch_size=batch)
+    times = alternate(runs, repeats)
+    base = statistics.median(next(iter(times.values())))
+    return [{"path": name, "sequences": n, "length_nt": len(seqs[0]), **summary(t), "sequences_per_s": n / statistics.median(t),
+             "speedup_vs_first": base / statistics.median(t)} for name, t in times.items()]
 
 
 def _installed(package: str) -> bool:
@@ -335,6 +371,9 @@ def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, dev
         rows = bench_fill_mask(utr_runtime.load(bundle, threads=threads), max(3, repeats))
         if rows:
             result["fill_mask"] = rows
+    if bundle.task is not None and device == "cpu":
+        log(f"predict: real 100-nt windows, {bundle.task['level']}-level head")
+        result["predict"] = bench_predict(bundle, precisions, threads, max(3, repeats))
     result["end_to_end"] = []
     if e2e_sequences:
         for precision in precisions or bundle.precisions:
@@ -374,6 +413,10 @@ def to_markdown(result: dict) -> str:
         lines += ["", "Fill-mask, one masked k-mer in a 500-token window (encoder included):", "",
                   "| path | median ms | p90 ms | vs reference |", "|---|---:|---:|---:|"]
         lines += [f"| {r['path']} | {r['median_s'] * 1e3:.1f} | {r['p90_s'] * 1e3:.1f} | {r['speedup_vs_reference']:.2f}x |" for r in result["fill_mask"]]
+    if result.get("predict"):
+        lines += ["", "Task predictions on real 100-nt windows (tokenize + batch + run + head; the reference in batches of 64):", "",
+                  "| path | sequences | median s | sequences/s | vs first path |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['path']} | {r['sequences']} | {r['median_s']:.2f} | {r['sequences_per_s']:,.1f} | {r['speedup_vs_first']:.2f}x |" for r in result["predict"]]
     if result.get("end_to_end"):
         lines += ["", "End to end on real sequences, sampled evenly from the shipped files (tokenize + window + batch + run + pool):", "",
                   "| data | path | sequences | nt | median s | nt/s | vs padded to 512 |", "|---|---|---:|---:|---:|---:|---:|"]
