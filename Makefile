@@ -27,4 +27,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/tokenizer.py
 
 clean:
-	rm -rf $(VENV) bundles .pytest_cache .hypothesis
+	rm -rf $(VENV) bundles .pytest_cache .hypothesis *.egg-info build dist

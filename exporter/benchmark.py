@@ -7,6 +7,7 @@ ratios between paths are fair on a noisy machine. Figures are medians (and p90) 
 from __future__ import annotations
 
 import copy
+import functools
 import platform
 import statistics
 import time
@@ -44,12 +45,93 @@ def summary(times: list[float]) -> dict:
     return {"median_s": statistics.median(ordered), "p90_s": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], "runs": len(ordered)}
 
 
-# ------------------------------------------------------------------------------------------------ ceiling
+# ------------------------------------------------------------------------------------------------ ceilings
+GEMM = (2048, 768, 3072)  # a BERT-base FFN at 2048 tokens: (M, K) @ (K, N)
+
+
 def matmul_gflops(repeats: int = 7) -> float:
-    """This machine's fp32 matrix-multiply rate (NumPy, 2048x768 @ 768x3072: a BERT-base FFN at 2048 tokens)."""
-    a = np.random.default_rng(0).standard_normal((2048, 768), dtype=np.float32)
-    b = np.random.default_rng(1).standard_normal((768, 3072), dtype=np.float32)
-    return 2 * 2048 * 768 * 3072 / summary(timed(lambda: a @ b, repeats, warmup=2))["median_s"] / 1e9
+    """NumPy's fp32 matrix-multiply rate on GEMM: a reference figure, not a ceiling (engines beat it)."""
+    m, k, n = GEMM
+    a = np.random.default_rng(0).standard_normal((m, k), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((k, n), dtype=np.float32)
+    return 2 * m * k * n / summary(timed(lambda: a @ b, repeats, warmup=2))["median_s"] / 1e9
+
+
+def gemm_ceilings(engines: list[str], threads: int, repeats: int = 7) -> dict[str, dict]:
+    """Per data type, the fastest GEMMs any installed engine runs here: {dtype: {gflops, engine, scheme, candidates}}.
+
+    The work: a BERT-base feed-forward pair at 2048 tokens (see _gemm_model). fp32: plain MatMuls. int8: the Q/DQ MatMul pattern of the bundle's int8 files, in both schemes (symmetric int8,
+    and uint8 activations with int8 weights), so each engine gets the one its kernels like. bf16: the fp32 MatMul
+    with bf16 inference (OpenVINO, CPUs with native bf16). A model's GFLOP/s is then judged against the ceiling of
+    the data type its matmuls run in.
+    """
+    import tempfile
+
+    import utr_runtime.engines as engines_module
+
+    m, k, n = GEMM
+    x = np.random.default_rng(0).standard_normal((m, k), dtype=np.float32)
+    flop = 2 * 2 * m * k * n  # two GEMMs
+    candidates = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {name: _gemm_model(f"{tmp}/{name}.onnx", name) for name in ("fp32", "int8-symmetric", "int8-u8s8")}
+        for engine in engines:
+            for name, path in files.items():
+                hints = ["f32"] + (["bf16"] if name == "fp32" and engine == "openvino" and _bf16() else [])
+                for hint in hints:
+                    runner = engines_module.open_runner(path, "cpu", threads, engine, inference_precision=hint)
+                    seconds = summary(timed(lambda: runner.run({"x": x}), repeats, warmup=2))["median_s"]
+                    dtype = "bf16" if hint == "bf16" else name.split("-")[0]
+                    candidates.append({"dtype": dtype, "gflops": flop / seconds / 1e9, "engine": engine, "scheme": name})
+    best = {}
+    for c in candidates:
+        if c["gflops"] > best.get(c["dtype"], {}).get("gflops", 0):
+            best[c["dtype"]] = c
+    return {dtype: {**c, "candidates": [d for d in candidates if d["dtype"] == dtype]} for dtype, c in best.items()}
+
+
+def _bf16() -> bool:
+    from utr_runtime.engines.openvino import bf16_supported
+
+    return bf16_supported()
+
+
+def _gemm_model(path: str, scheme: str) -> str:
+    """A BERT feed-forward pair, y = (x @ W1) @ W2 with constant weights (2 GEMMs, so conversions at the model's
+    edges weigh as little as inside a real model), plain or in the bundle's Q/DQ int8 form."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m, k, n = GEMM
+    rng = np.random.default_rng(1)
+    weights = [rng.standard_normal((k, n), dtype=np.float32) * 0.05, rng.standard_normal((n, k), dtype=np.float32) * 0.05]
+    nodes, inits, x = [], [], "x"
+    for i, w in enumerate(weights):
+        y = "y" if i == len(weights) - 1 else f"h{i}"
+        if scheme == "fp32":
+            inits.append(numpy_helper.from_array(w, f"w{i}"))
+            nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
+        else:
+            unsigned = scheme == "int8-u8s8"  # per-tensor weights with uint8 activations, per-channel with int8
+            w_scale = (np.array(np.abs(w).max() / 127) if unsigned else np.abs(w).max(0) / 127).astype(np.float32)
+            inits += [numpy_helper.from_array(np.clip(np.round(w / w_scale), -127, 127).astype(np.int8), f"w{i}q"),
+                      numpy_helper.from_array(w_scale, f"w{i}s"), numpy_helper.from_array(np.zeros(w_scale.shape, np.int8), f"w{i}z"),
+                      numpy_helper.from_array(np.array(8.0 / 127, np.float32), f"x{i}s"),
+                      numpy_helper.from_array(np.array(128 if unsigned else 0, np.uint8 if unsigned else np.int8), f"x{i}z")]
+            nodes += [helper.make_node("QuantizeLinear", [x, f"x{i}s", f"x{i}z"], [f"x{i}q"]),
+                      helper.make_node("DequantizeLinear", [f"x{i}q", f"x{i}s", f"x{i}z"], [f"x{i}d"]),
+                      helper.make_node("DequantizeLinear", [f"w{i}q", f"w{i}s", f"w{i}z"], [f"w{i}d"], axis=1),
+                      helper.make_node("MatMul", [f"x{i}d", f"w{i}d"], [y])]
+        x = y
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, k])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    return path
+
+
+def path_dtype(precision: str) -> str:
+    """The data type a precision's matmuls run in on the CPU (fp16 files run in fp32 there)."""
+    return {"bf16": "bf16", "int8": "int8"}.get(precision, "fp32")
 
 
 def model_flops(config: dict, batch: int, length: int) -> float:
@@ -65,21 +147,32 @@ def model_flops(config: dict, batch: int, length: int) -> float:
 class Path:
     name: str
     run: Callable[[np.ndarray, np.ndarray], object]  # (input_ids, attention_mask) -> anything
+    dtype: str = "fp32"  # what its matmuls run in: the ceiling it is judged against
+    model: object = None  # the utr_runtime Model of a bundle path
 
 
-def path_keys(bundle, device: str, precisions=None, torch: bool = True) -> list[str]:
+def path_keys(bundle, device: str, precisions=None, torch: bool = True, engines=None) -> list[str]:
     """Every path to time, in order; the first is the baseline the others are compared with.
 
     "multimolecule" (if installed) and "module" are PyTorch with the bundle's architecture and random weights
     (speed does not depend on the values); on a GPU device they run on CUDA, "module-fp16" too. Then the bundle's
-    models: "onnxruntime:<precision>" on cpu/cuda, or "tensorrt:<precision>" engines.
+    models: "<engine>:<precision>" for each engine (every installed one on the CPU) and precision (the bundle's,
+    and bf16 on OpenVINO where the CPU has it), or "tensorrt:<precision>" engines.
     """
+    from utr_runtime.verify import _precisions, default_engines
+
     keys = []
     if torch and _installed("torch"):
         keys += (["multimolecule"] if _installed("multimolecule") else []) + ["module"] + (["module-fp16"] if device != "cpu" else [])
-    available = list(bundle.engines) if device == "tensorrt" else bundle.precisions
-    engine = "tensorrt" if device == "tensorrt" else "onnxruntime"
-    return keys + [f"{engine}:{p}" for p in precisions or available]
+    if device == "tensorrt":
+        return keys + [f"tensorrt:{p}" for p in precisions or list(bundle.engines)]
+    for engine in engines or default_engines(device):
+        available = _precisions(bundle, engine)
+        keys += [f"{engine}:{p}" for p in (precisions or available) if p in available]
+    return keys
+
+
+ENGINE_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "tensorrt": "TensorRT"}
 
 
 def make_path(key: str, bundle, threads: int, device: str) -> Path:
@@ -88,9 +181,12 @@ def make_path(key: str, bundle, threads: int, device: str) -> Path:
         import utr_runtime
 
         engine, precision = key.split(":")
-        model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads)
-        label = f"TensorRT {precision}" if engine == "tensorrt" else f"ONNX Runtime {precision} ({device})"
-        return Path(label, lambda i, m: model.forward(i, m))
+        if engine == "tensorrt":
+            model = utr_runtime.load(bundle, precision=precision, device="tensorrt")
+        else:
+            model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads, engine=engine)
+        where = "" if engine == "tensorrt" else f" ({device})"
+        return Path(f"{ENGINE_NAMES[engine]} {precision}{where}", lambda i, m: model.forward(i, m), path_dtype(precision), model)
     import torch
 
     torch.set_num_threads(threads)
@@ -99,7 +195,7 @@ def make_path(key: str, bundle, threads: int, device: str) -> Path:
         import multimolecule
 
         reference = multimolecule.UtrBertModel(_multimolecule_config(config)).eval().to(where)
-        return Path(f"multimolecule (PyTorch {where})", _torch_call(lambda i, m: reference(i, attention_mask=m), where))
+        return Path(f"multimolecule (PyTorch {where})", _torch_call(lambda i, m: reference(i, attention_mask=m), where), model=reference)
     from .network import UtrBert, UtrBertConfig
 
     fields = {k: v for k, v in config.items() if k in UtrBertConfig.__dataclass_fields__}
@@ -136,8 +232,8 @@ def _multimolecule_config(config: dict, task: dict | None = None):
 TASK_CLASSES = {"sequence": "UtrBertForSequencePrediction", "nucleotide": "UtrBertForTokenPrediction", "contact": "UtrBertForContactPrediction"}
 
 
-def bench_predict(bundle, precisions, threads: int, repeats: int, n: int = 128, batch: int = 64) -> list[dict]:
-    """predict() on n real 100-nt windows (the fine-tuning data's length), per precision, against multimolecule's
+def bench_predict(bundle, paths: list[Path], threads: int, repeats: int, n: int = 128, batch: int = 64) -> list[dict]:
+    """predict() on n real 100-nt windows (the fine-tuning data's length), per bundle path, against multimolecule's
     task model of the same architecture and head (random weights: speed does not depend on them) run on the same
     windows in batches of `batch` rows, its tokenizer included as ours is."""
     import utr_runtime
@@ -159,9 +255,9 @@ def bench_predict(bundle, precisions, threads: int, repeats: int, n: int = 128, 
                     reference(**tokenizer(seqs[first : first + batch], padding=True, return_tensors="pt"))
 
         runs["multimolecule forward (PyTorch)"] = forward
-    for precision in precisions or bundle.precisions:
-        model = utr_runtime.load(bundle, precision=precision, threads=threads)
-        runs[f"utr_runtime predict, ONNX Runtime {precision}"] = lambda model=model: model.predict(seqs, batch_size=batch)
+    for p in paths:
+        if p.model is not None and not p.name.startswith("multimolecule"):
+            runs[f"utr_runtime predict, {p.name}"] = lambda model=p.model: model.predict(seqs, batch_size=batch)
     times = alternate(runs, repeats)
     base = statistics.median(next(iter(times.values())))
     return [{"path": name, "sequences": n, "length_nt": len(seqs[0]), **summary(t), "sequences_per_s": n / statistics.median(t),
@@ -207,7 +303,7 @@ def random_batch(batch: int, length: int, bundle_or_k) -> tuple[np.ndarray, np.n
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def bench_shapes(paths: list[Path], config: dict, shapes, repeats: int, ceiling: float, log=lambda m: None) -> list[dict]:
+def bench_shapes(paths: list[Path], config: dict, shapes, repeats: int, ceilings: dict, log=lambda m: None) -> list[dict]:
     rows = []
     for batch, length in shapes:
         ids, mask = random_batch(batch, length, config["k"])
@@ -216,11 +312,12 @@ def bench_shapes(paths: list[Path], config: dict, shapes, repeats: int, ceiling:
         base = statistics.median(times[paths[0].name])
         for p in paths:
             s = summary(times[p.name])
+            ceiling = ceilings.get(p.dtype, {}).get("gflops")
             rows.append({
-                "shape": f"{batch}x{length}", "path": p.name, **s,
+                "shape": f"{batch}x{length}", "path": p.name, "dtype": p.dtype, **s,
                 "tokens_per_s": batch * length / s["median_s"],
                 "gflops": flops / s["median_s"] / 1e9,
-                "fraction_of_ceiling": flops / s["median_s"] / 1e9 / ceiling,
+                "fraction_of_ceiling": flops / s["median_s"] / 1e9 / ceiling if ceiling else None,
                 "speedup_vs_first": base / s["median_s"],
             })
         log(f"{batch}x{length}: " + ", ".join(f"{p.name} {statistics.median(times[p.name]) * 1e3:.0f} ms" for p in paths))
@@ -258,17 +355,46 @@ def evenly_sampled(name: str, n: int) -> list[str]:
     return seqs[:: max(1, len(seqs) // n)][:n]
 
 
-def bench_end_to_end(model, label: str, seqs: list[str], repeats: int) -> list[dict]:
-    """Real sequences end to end (tokenize + window + batch + run + pool): length-sorted batches vs every window padded to 512."""
-    nt = sum(map(len, seqs))
-    runs = {"length-sorted batches": lambda: model.embed(seqs), "every window padded to 512": lambda: _embed_padded_to_max(model, seqs)}
+def bench_end_to_end(paths: list[Path], label: str, seqs: list[str], repeats: int, k: int) -> list[dict]:
+    """Real sequences end to end (tokenize + window + batch + run + pool), every path on the same sequences:
+    `embed` of each bundle path, multimolecule's model on the same windows (its tokenizer, batches of up to 8192
+    tokens padded to their longest row), and the first bundle path with every window padded to 512 (what
+    length-sorted batching saves)."""
+    runs = {}
+    for p in paths:
+        if p.name.startswith("multimolecule"):
+            runs[p.name] = lambda p=p: _embed_with_multimolecule(p.model, k, seqs)
+        elif p.model is not None:
+            runs[p.name] = lambda p=p: p.model.embed(seqs)
+    first = next(p for p in paths if p.model is not None and not p.name.startswith("multimolecule"))
+    runs[f"{first.name}, every window padded to 512"] = lambda: _embed_padded_to_max(first.model, seqs)
     times = alternate(runs, repeats, warmup=0)  # each run is seconds long: no warm-up round
-    base = statistics.median(times["every window padded to 512"])
+    nt = sum(map(len, seqs))
+    base = statistics.median(next(iter(times.values())))
     return [
-        {"path": f"{model.precision} {name}", "data": label, "sequences": len(seqs), "nucleotides": nt, **summary(t),
-         "nt_per_s": nt / statistics.median(t), "speedup_vs_padded": base / statistics.median(t)}
+        {"path": name, "data": label, "sequences": len(seqs), "nucleotides": nt, **summary(t),
+         "nt_per_s": nt / statistics.median(t), "speedup_vs_first": base / statistics.median(t)}
         for name, t in times.items()
     ]
+
+
+def _embed_with_multimolecule(reference, k: int, seqs: list[str], max_batch_tokens: int = 8192) -> None:
+    """The reference on the windows `embed` would run (its own tokenizer and padding), batches in input order."""
+    import multimolecule
+    import torch
+
+    from utr_runtime.windows import split_windows
+
+    tokenizer = _reference_tokenizer(multimolecule, k)
+    pieces = []
+    for seq in seqs:
+        n = max(len(seq) - k + 1, 1)
+        pieces += [seq[w.start : w.end + k - 1] for w in split_windows(0, n, 510, 64)]
+    per_batch = max(1, max_batch_tokens // 512)
+    with torch.inference_mode():
+        for first in range(0, len(pieces), per_batch):
+            encoded = tokenizer(pieces[first : first + per_batch], padding=True, return_tensors="pt")
+            reference(encoded["input_ids"], attention_mask=encoded["attention_mask"])
 
 
 def _embed_padded_to_max(model, seqs: list[str], max_batch_tokens: int = 8192) -> None:
@@ -282,6 +408,11 @@ def _embed_padded_to_max(model, seqs: list[str], max_batch_tokens: int = 8192) -
     for first in range(0, len(windows), per_batch):
         rows = [tok.with_specials(kmers[w.sequence][w.start : w.end]) for w in windows[first : first + per_batch]]
         model.forward(*tok.pad(rows, model.max_tokens))
+
+
+@functools.cache
+def _reference_tokenizer(multimolecule, k: int):
+    return multimolecule.RnaTokenizer(nmers=k)
 
 
 def tokenizer_speed(ks=(3, 6), n: int = 1000, length: int = 1000, repeats: int = 15) -> list[dict]:
@@ -340,27 +471,32 @@ def describe_machine(m: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ report
 def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, device: str = "cpu", precisions=None,
-                  e2e_sequences: int = 24, torch: bool = True, tokenizer: bool = True, memory: bool = True, log=lambda m: None) -> dict:
-    """Everything in one process: ceiling, model paths per shape, end to end on real 3'UTRs, tokenizer."""
+                  e2e_sequences: int = 24, torch: bool = True, tokenizer: bool = True, memory: bool = True, engines=None,
+                  log=lambda m: None) -> dict:
+    """Everything in one process: ceilings, model paths per shape, predict, end to end on real 3'UTRs, tokenizer."""
     import datetime
 
     import utr_runtime
+    from utr_runtime.verify import default_engines
 
     if not isinstance(bundle, utr_runtime.Bundle):
         bundle = utr_runtime.Bundle(bundle)
     config = {**bundle.manifest["model"]["config"], "k": bundle.k}
-    log("measuring the fp32 matrix-multiply ceiling")
-    ceiling = matmul_gflops()
-    keys = path_keys(bundle, device, precisions, torch)
+    engines = engines or default_engines(device)
+    ceilings = {}
+    if device == "cpu":
+        log(f"measuring GEMM ceilings per data type ({', '.join(engines)})")
+        ceilings = gemm_ceilings(engines, threads)
+    keys = path_keys(bundle, device, precisions, torch, engines)
     paths = [make_path(key, bundle, threads, device) for key in keys]
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "threads": threads, "device": device,
+        "machine": machine(), "threads": threads, "device": device, "engines": engines, "versions": _versions(engines),
         "bundle": str(bundle.path), "model": {k: config[k] for k in ("k", "num_hidden_layers", "hidden_size")},
-        "trained": bundle.manifest["model"]["trained"], "ceiling_gflops": ceiling,
+        "trained": bundle.manifest["model"]["trained"], "numpy_matmul_gflops": matmul_gflops(), "ceilings": ceilings,
         "flops_per_token_mflop": model_flops(config, 1, 1) / 1e6, "repeats": repeats,
     }
-    result["shapes"] = bench_shapes(paths, config, shapes, repeats, ceiling, log)
+    result["shapes"] = bench_shapes(paths, config, shapes, repeats, ceilings, log)
     if memory:
         largest = max(shapes, key=lambda s: s[0] * s[1])
         log(f"peak memory of each path alone, one {largest[0]}x{largest[1]} batch in a fresh process")
@@ -368,42 +504,60 @@ def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, dev
                             for key, p in zip(keys, paths)]
     if bundle.has_lm_head and torch and device == "cpu":
         log("fill-mask: one mask in a 500-token window")
-        rows = bench_fill_mask(utr_runtime.load(bundle, threads=threads), max(3, repeats))
+        rows = bench_fill_mask(utr_runtime.load(bundle, threads=threads, engine=engines[0]), max(3, repeats))
         if rows:
             result["fill_mask"] = rows
     if bundle.task is not None and device == "cpu":
         log(f"predict: real 100-nt windows, {bundle.task['level']}-level head")
-        result["predict"] = bench_predict(bundle, precisions, threads, max(3, repeats))
+        result["predict"] = bench_predict(bundle, paths, threads, max(3, repeats))
     result["end_to_end"] = []
     if e2e_sequences:
-        for precision in precisions or bundle.precisions:
-            model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads)
-            for label, name in END_TO_END_SETS.items():
-                n = e2e_sequences if label == "3'UTRs" else 8 * e2e_sequences  # the short set: about as many tokens
-                log(f"end to end on {n} {label} ({precision})")
-                result["end_to_end"] += bench_end_to_end(model, label, evenly_sampled(name, n), max(1, repeats // 2))
+        e2e_paths = [p for p in paths if p.model is not None]
+        for label, name in END_TO_END_SETS.items():
+            n = e2e_sequences if label == "3'UTRs" else 8 * e2e_sequences  # the short set: about as many tokens
+            log(f"end to end on {n} {label}")
+            result["end_to_end"] += bench_end_to_end(e2e_paths, label, evenly_sampled(name, n), max(1, repeats // 2), bundle.k)
     if tokenizer:
         log("tokenizer: 1000 x 1000 nt")
         result["tokenizer"] = tokenizer_speed(repeats=max(3, repeats))
     return result
 
 
+def _versions(engines: list[str]) -> dict:
+    from importlib import metadata
+
+    versions = {}
+    for package in [*engines, "torch", "multimolecule"]:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
 def to_markdown(result: dict) -> str:
     m = result["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in result.get("versions", {}).items())
     lines = [f"Command: `{result['command']}`" if result.get("command") else "",
-        f"Machine: {describe_machine(m)}; {result['threads']} threads; device {result['device']}; {result['date']}.",
+        f"Machine: {describe_machine(m)}; {result['threads']} threads; device {result['device']}; {result['date']}. {versions}.",
         f"Model: k={result['model']['k']}, {result['model']['num_hidden_layers']} layers, hidden {result['model']['hidden_size']} "
         f"({'trained' if result['trained'] else 'random-init'} weights; speed does not depend on them), "
-        f"{result['flops_per_token_mflop']:.0f} MFLOP per token plus attention.",
-        f"Ceiling: NumPy fp32 matmul {result['ceiling_gflops']:.0f} GFLOP/s (2048x768 @ 768x3072). Medians of {result['repeats']} alternating rounds.",
-        "",
-        "| shape | path | median ms | p90 ms | tokens/s | GFLOP/s | of ceiling | vs first path |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"{result['flops_per_token_mflop']:.0f} MFLOP per token plus attention. Medians of {result['repeats']} alternating rounds.",
     ]
+    if result.get("ceilings"):
+        lines += ["", "Ceilings: the fastest BERT feed-forward GEMM pair (2048x768 @ 768x3072 @ 3072x768) any installed engine runs, "
+                  f"per data type (NumPy fp32 matmul, for reference: {result['numpy_matmul_gflops']:.0f} GFLOP/s):", "",
+                  "| data type | GFLOP/s (GOP/s) | engine, scheme | all candidates |", "|---|---:|---|---|"]
+        for dtype, c in result["ceilings"].items():
+            others = "; ".join(f"{x['engine']} {x['scheme']} {x['gflops']:.0f}" for x in c["candidates"])
+            lines.append(f"| {dtype} | {c['gflops']:.0f} | {c['engine']}, {c['scheme']} | {others} |")
+    lines += ["", "| shape | path | median ms | p90 ms | tokens/s | GFLOP/s | of its ceiling | vs first path |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["shapes"]:
+        fraction = "-" if r.get("fraction_of_ceiling") is None else f"{r['fraction_of_ceiling']:.0%} ({r['dtype']})"
         lines.append(
             f"| {r['shape']} | {r['path']} | {r['median_s'] * 1e3:.1f} | {r['p90_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
-            f"{r['gflops']:.0f} | {r['fraction_of_ceiling']:.0%} | {r['speedup_vs_first']:.2f}x |"
+            f"{r['gflops']:.0f} | {fraction} | {r['speedup_vs_first']:.2f}x |"
         )
     if result.get("memory"):
         lines += ["", "Peak memory, each path alone in a fresh process (Python, NumPy and the engine included):", "",
@@ -419,9 +573,9 @@ def to_markdown(result: dict) -> str:
         lines += [f"| {r['path']} | {r['sequences']} | {r['median_s']:.2f} | {r['sequences_per_s']:,.1f} | {r['speedup_vs_first']:.2f}x |" for r in result["predict"]]
     if result.get("end_to_end"):
         lines += ["", "End to end on real sequences, sampled evenly from the shipped files (tokenize + window + batch + run + pool):", "",
-                  "| data | path | sequences | nt | median s | nt/s | vs padded to 512 |", "|---|---|---:|---:|---:|---:|---:|"]
+                  "| data | path | sequences | nt | median s | nt/s | vs first path |", "|---|---|---:|---:|---:|---:|---:|"]
         for r in result["end_to_end"]:
-            lines.append(f"| {r['data']} | {r['path']} | {r['sequences']} | {r['nucleotides']:,} | {r['median_s']:.2f} | {r['nt_per_s']:,.0f} | {r['speedup_vs_padded']:.2f}x |")
+            lines.append(f"| {r['data']} | {r['path']} | {r['sequences']} | {r['nucleotides']:,} | {r['median_s']:.2f} | {r['nt_per_s']:,.0f} | {r['speedup_vs_first']:.2f}x |")
     if result.get("tokenizer"):
         lines += ["", tokenizer_table(result["tokenizer"])]
     return "\n".join(lines).lstrip("\n") + "\n"

@@ -120,8 +120,8 @@ def _leave_out(work: Path, manifest: dict, precisions: list[str], rows: list[dic
     """Remove precisions that failed their gate from the bundle; return why, with the failing figures."""
     reasons = {}
     for precision in precisions:
-        entry = manifest["models"].pop(precision)
-        for name in [entry["file"], *(v["file"] for v in entry.get("variants", {}).values())]:
+        entry = manifest["models"].pop(precision, {"file": None})  # bf16 has no file of its own
+        for name in filter(None, [entry["file"], *(v["file"] for v in entry.get("variants", {}).values())]):
             (work / name).unlink(missing_ok=True)
             manifest["files"].pop(name, None)
         failures = [r for r in rows if r["precision"].split("/")[0] == precision and not r["passed"]]
@@ -138,6 +138,7 @@ def _leave_out(work: Path, manifest: dict, precisions: list[str], rows: list[dic
 LEAVE_OUT_HINTS = {
     "int8": "Try --calibration with sequences like yours, a larger --calibration-size, or --calibration-method percentile.",
     "fp16": "The model's activations may overflow half precision; use fp32.",
+    "bf16": "Run fp32 or int8 on this model.",
 }
 
 

@@ -14,6 +14,36 @@ import click
 from utr_runtime.errors import UtrError
 
 KMERS = ("3", "4", "5", "6")
+FILE_PRECISIONS = ("fp32", "fp16", "int8")  # what a build writes
+PRECISIONS = FILE_PRECISIONS + ("bf16",)  # what a bundle runs (bf16: the fp32 file, bf16 inference on OpenVINO)
+ENGINES = ("auto", "onnxruntime", "openvino")
+DEVICES = ("cpu", "cuda", "tensorrt")
+
+
+class PrecisionList(click.ParamType):
+    """A comma-separated subset of `choices`, checked and in the order given."""
+
+    name = "LIST"
+
+    def __init__(self, choices):
+        self.choices = tuple(choices)
+
+    def get_metavar(self, param, *args) -> str:
+        return "[" + ",".join(self.choices) + "]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = tuple(dict.fromkeys(p.strip() for p in str(value).split(",") if p.strip()))
+        wrong = [p for p in items if p not in self.choices]
+        if wrong or not items:
+            self.fail(f"{', '.join(wrong) or 'nothing'}: choose from {', '.join(self.choices)} (comma-separated)", param, ctx)
+        return items
+
+
+def _engine_option(fn):
+    return click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
+                        help="CPU engine; auto: OpenVINO where installed, else ONNX Runtime.")(fn)
 
 
 class CommandError(click.ClickException):
@@ -42,6 +72,20 @@ def _log(message: str) -> None:
     click.echo(f"utrexport: {message}", err=True)
 
 
+def _load(bundle: str, **options):
+    """utr_runtime.load, with its untrained-weights warning as one line on stderr."""
+    import warnings
+
+    import utr_runtime
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", utr_runtime.UntrainedModelWarning)
+        model = utr_runtime.load(bundle, **options)
+    for warning in caught:
+        _log(f"warning: {warning.message}")
+    return model
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="utrexport")
 def main() -> None:
@@ -55,7 +99,7 @@ def main() -> None:
 @click.option("--random-init", is_flag=True, help="Seeded random weights (untrained; works offline).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-init weights and the INT8 calibration sample.")
 @click.option("--layers", type=click.IntRange(1, 48), default=12, show_default=True, help="Layers for --random-init.")
-@click.option("--precision", default="fp32,fp16,int8", show_default=True, help="Comma-separated subset of fp32,fp16,int8.")
+@click.option("--precision", type=PrecisionList(FILE_PRECISIONS), default="fp32,fp16,int8", show_default=True, help="Precisions to write.")
 @click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False, path_type=str), help="INT8 calibration sequences (FASTA/TSV) [default: the shipped human 3'UTRs].")
 @click.option("--calibration-size", type=click.IntRange(4, 4096), default=64, show_default=True, help="Calibration windows.")
 @click.option("--calibration-method", type=click.Choice(["entropy", "percentile", "minmax"]), default="entropy", show_default=True)
@@ -77,13 +121,18 @@ def build(ctx, k, checkpoint, hub_id, random_init, seed, layers, precision, cali
         raise CommandError("choose one of --checkpoint, --hub and --random-init")
     if layers != 12 and not random_init:
         raise CommandError("--layers applies to --random-init only")
-    precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
+    precisions = precision
     output = output or f"bundles/utrbert-{k}mer" + ("-random" if random_init else "")
     from pathlib import Path
 
     if Path(output).exists() and not force:
         raise CommandError(f"{output} exists; pass --force to replace it")
 
+    import importlib.util
+
+    missing = [m for m in ("torch", "onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CommandError(f"utrexport build needs the exporter's packages ({', '.join(missing)} missing): pip install 'utrexport[export]'")
     from . import checkpoints
     from .build import Calibration, build_bundle
 
@@ -124,15 +173,20 @@ def build(ctx, k, checkpoint, hub_id, random_init, seed, layers, precision, cali
 
 @main.command("verify")
 @click.argument("bundle", type=click.Path(path_type=str))
-@click.option("--precision", help="Comma-separated precisions to check [default: all in the bundle].")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True, help="tensorrt: the bundle's engines.")
+@click.option("--precision", type=PrecisionList(PRECISIONS), help="Precisions to check [default: all in the bundle, and bf16 where it runs].")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True, help="tensorrt: the bundle's engines.")
+@click.option("--engine", "engines", type=click.Choice(ENGINES[1:]), multiple=True, help="Engine to check, repeatable [default: every installed one].")
 @_fail_cleanly
-def verify_command(bundle, precision, device) -> None:
-    """Check checksums and run the parity fixtures of every precision; exit 1 on any failure."""
+def verify_command(bundle, precision, device, engines) -> None:
+    """Check checksums and run the parity fixtures of every precision on every engine; exit 1 on any failure."""
     from utr_runtime.verify import verify
 
-    precisions = [p.strip() for p in precision.split(",")] if precision else None
-    rows = verify(bundle, precisions, device=device)
+    from utr_runtime import Bundle
+
+    checked = Bundle(bundle)
+    if not checked.trained:
+        _log(f"warning: {bundle} holds untrained (random-init) weights: its outputs are for tests and timing, not for analysis")
+    rows = verify(checked, list(precision) if precision else None, device=device, engines=list(engines) or None)
     _print_parity(rows)
     if not all(r["passed"] for r in rows):
         raise CommandError("verification FAILED")
@@ -157,10 +211,14 @@ def engine(bundle, precision, profiles) -> None:
 def _model_options(fn):
     """Options of every command that runs a bundle's model on sequences from a file."""
     options = [
-        click.option("--precision", default="fp32", show_default=True, help="fp32, fp16 or int8 (what the bundle holds)."),
-        click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                     help="bf16: the fp32 model in bf16 (OpenVINO, CPUs with native bf16)."),
+        click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True),
+        _engine_option,
         click.option("--column", help="Sequence column of a TSV/CSV input [default: sequence or seq]."),
         click.option("--strict", is_flag=True, help="Refuse sequences with characters other than A, C, G, U, T, N."),
+        click.option("--skip-invalid", is_flag=True,
+                     help="Leave out bad records (duplicate id, no k-mer, --strict characters) and list them in OUTPUT.skipped.tsv."),
         click.option("--overlap", type=click.IntRange(0, 500), default=64, show_default=True, help="k-mers shared by neighbouring windows."),
         click.option("--batch-tokens", type=click.IntRange(512), default=8192, show_default=True, help="Token budget of one batch."),
         click.option("--chunk", type=click.IntRange(1), default=512, show_default=True, help="Sequences read, run and written at a time."),
@@ -179,19 +237,19 @@ def _model_options(fn):
 @click.option("--truncate", is_flag=True, help="Embed only the first window of long sequences instead of all windows.")
 @_model_options
 @_fail_cleanly
-def embed(bundle, input, output, pooling, truncate, precision, device, column, strict, overlap, batch_tokens, chunk, threads) -> None:
+def embed(bundle, input, output, pooling, truncate, precision, device, engine, column, strict, skip_invalid, overlap, batch_tokens, chunk,
+          threads) -> None:
     """Embed the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin): one vector per sequence."""
-    import utr_runtime
-
     from .writers import open_writer
 
-    model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads)
+    model = _load(bundle, precision=precision, device=device, threads=threads, engine=engine)
 
-    def run(seqs):
-        return model.embed(seqs, pooling=pooling, max_batch_tokens=batch_tokens, overlap=overlap, truncation=truncate, strict=strict)
+    def run(seqs, progress):
+        return model.embed(seqs, pooling=pooling, max_batch_tokens=batch_tokens, overlap=overlap, truncation=truncate, strict=strict,
+                           progress=progress)
 
     with open_writer(output, model.hidden_size) as writer:
-        _stream(input, column, chunk, run, writer)
+        _stream(input, column, chunk, run, writer, lambda seqs: model.problems(seqs, strict), skip_invalid, output)
     click.echo(f"{writer.rows} embeddings ({model.hidden_size}-d, {pooling} pooling) written to {output}")
 
 
@@ -205,79 +263,153 @@ def embed(bundle, input, output, pooling, truncate, precision, device, column, s
               help="Sequence level: how the windows of a sequence longer than one window are combined.")
 @_model_options
 @_fail_cleanly
-def predict(bundle, input, output, logits, aggregate, precision, device, column, strict, overlap, batch_tokens, chunk, threads) -> None:
+def predict(bundle, input, output, logits, aggregate, precision, device, engine, column, strict, skip_invalid, overlap, batch_tokens,
+            chunk, threads) -> None:
     """Run a fine-tuned bundle's task head on the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin)."""
-    import utr_runtime
     from utr_runtime.model import NO_TASK
     from utr_runtime.parity import task_outputs
 
     from .writers import open_prediction_writer
 
-    model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads)
+    model = _load(bundle, precision=precision, device=device, threads=threads, engine=engine)
     task = model.task
     if task is None:
         raise CommandError(f"{bundle}: {NO_TASK}")
 
-    def run(seqs):
-        values = model.predict(seqs, logits=logits, aggregate=aggregate, max_batch_tokens=batch_tokens, overlap=overlap, strict=strict)
+    def run(seqs, progress):
+        values = model.predict(seqs, logits=logits, aggregate=aggregate, max_batch_tokens=batch_tokens, overlap=overlap, strict=strict,
+                               progress=progress)
         if task["level"] != "sequence":
             return values
         return values, task_outputs(task["problem_type"], values) if logits else values
 
     with open_prediction_writer(output, task) as writer:
-        _stream(input, column, chunk, run, writer)
+        _stream(input, column, chunk, run, writer, lambda seqs: model.problems(seqs, strict, model.max_kmers), skip_invalid, output)
     what = "raw outputs" if logits else ("values" if task["problem_type"] == "regression" else "probabilities")
     click.echo(f"{task['level']}-level {what} of {writer.rows} sequences ({', '.join(task['labels'])}) written to {output}")
 
 
-def _stream(input: str, column: str | None, chunk: int, run, writer) -> None:
-    """Read INPUT `chunk` records at a time, `run` them and write the results, with progress on a terminal.
+def _stream(input: str, column: str | None, chunk: int, run, writer, check, skip_invalid: bool, output: str) -> None:
+    """Read INPUT `chunk` records at a time, `run` them and write the results, reporting progress per batch.
 
-    A record-level error names the record; no output is left behind unless every record went through.
+    Records are judged before any model work: a file is scanned whole first (stdin as it streams), so a bad
+    record near the end of a large input costs seconds, not the run. A bad record (duplicate id, no k-mer, ...:
+    `check`) is an error naming it, or with `skip_invalid` is left out and listed in OUTPUT.skipped.tsv.
+    `run(seqs, progress)` returns what `writer.write` takes. No output is left behind unless the run completes.
     """
-    import itertools
-    import time
-
     from utr_runtime.errors import InputError
-    from utr_runtime.sequences import read_sequences
     from utr_runtime.tokenizer import foreign_letter
 
-    records = read_sequences(input, column=column)
-    progress = _Progress()
-    start, total_nt, unknown = time.perf_counter(), 0, 0
-    while batch := list(itertools.islice(records, chunk)):
-        names, seqs = [n for n, _ in batch], [s for _, s in batch]
-        try:
-            result = run(seqs)
-        except InputError as e:
-            if e.index is None:
-                raise
-            raise InputError(f"{input}: record {names[e.index]!r}: {e.detail}") from None
-        writer.write(names, result)
-        total_nt += sum(map(len, seqs))
-        unknown += sum(1 for s in seqs if foreign_letter(s))
-        progress.update(f"{writer.rows} sequences, {total_nt / 1e6:.2f} Mnt, {total_nt / (time.perf_counter() - start):,.0f} nt/s")
-    if writer.rows == 0:
-        raise InputError(f"{input}: no sequences")
-    progress.done()
+    skipped: list[tuple[str, str]] = []
+
+    def judged(name: str, reason: str) -> None:
+        if not skip_invalid:
+            raise InputError(f"{input}: record {name!r}: {reason}")
+        skipped.append((name, reason))
+
+    if input != "-":
+        for _ in _valid_chunks(input, column, chunk, check, judged, skip_invalid):
+            pass
+        skipped.clear()
+    unknown = 0
+    with _Progress(_size_estimate(input)) as progress:
+        for batch in _valid_chunks(input, column, chunk, check, judged, skip_invalid):
+            names, seqs = [n for n, _ in batch], [s for _, s in batch]
+            try:
+                result = run(seqs, progress.advance)
+            except InputError as e:
+                if e.index is None:
+                    raise
+                raise InputError(f"{input}: record {names[e.index]!r}: {e.detail}") from None
+            writer.write(names, result)
+            progress.chunk_done(len(batch), sum(map(len, seqs)))
+            unknown += sum(1 for s in seqs if foreign_letter(s))
+        if writer.rows == 0:
+            raise InputError(f"{input}: no valid sequences" if skipped else f"{input}: no sequences")
+    if skipped:
+        report = _write_skipped(output, skipped)
+        _log(f"skipped {len(skipped)} invalid record(s), listed in {report}")
     if unknown:
         _log(f"note: {unknown} sequences hold characters other than A, C, G, U, T, N; the k-mers holding them were read as <unk> (--strict refuses them)")
+
+
+def _valid_chunks(input: str, column: str | None, chunk: int, check, judged, skip: bool):
+    """Lists of up to `chunk` good (name, sequence) records; each bad one goes to `judged(name, reason)`."""
+    import itertools
+
+    from utr_runtime.sequences import read_sequences
+
+    records, seen = read_sequences(input, column=column, unique=False), set()
+    while batch := list(itertools.islice(records, chunk)):
+        good = []
+        for (name, seq), problem in zip(batch, check([s for _, s in batch])):
+            if name in seen:
+                judged(name, f"duplicate sequence id {name!r}" + (" (the first record with it is kept)" if skip else ""))
+            elif problem:
+                judged(name, problem)
+            else:
+                good.append((name, seq))
+            seen.add(name)
+        if good:
+            yield good
+
+
+def _write_skipped(output: str, skipped: list[tuple[str, str]]) -> str:
+    """OUTPUT.skipped.tsv: id and reason of each record left out, written whole or not at all."""
+    import csv
+    import os
+
+    report = f"{output}.skipped.tsv"
+    partial = f"{report}.partial-{os.getpid()}"
+    with open(partial, "w", newline="", encoding="utf-8") as f:
+        table = csv.writer(f, delimiter="\t", lineterminator="\n")
+        table.writerow(["id", "reason"])
+        table.writerows(skipped)
+    os.replace(partial, report)
+    return report
+
+
+def _size_estimate(input: str) -> int | None:
+    """About how many nucleotides INPUT holds, for an ETA: its size (uncompressed size for gzip); None for stdin."""
+    import os
+
+    if input == "-" or not os.path.isfile(input):
+        return None
+    size = os.path.getsize(input)
+    try:
+        with open(input, "rb") as f:
+            if f.read(2) == b"\x1f\x8b" and size >= 18:  # gzip: its trailer holds the uncompressed size mod 2**32
+                f.seek(-4, os.SEEK_END)
+                stored = int.from_bytes(f.read(4), "little")
+                return max(stored, size)  # a file over 4 GiB uncompressed wraps; never guess below the compressed size
+    except OSError:
+        return None
+    return size
 
 
 @main.command("fill-mask")
 @click.argument("bundle", type=click.Path(path_type=str))
 @click.argument("text")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--precision", default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+@_engine_option
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON (the transformers pipeline's format).")
 @_fail_cleanly
-def fill_mask(bundle, text, top_k, precision, as_json) -> None:
+def fill_mask(bundle, text, top_k, precision, device, engine, as_json) -> None:
     """Predict the tokens at each <mask> of TEXT (a k-mer token <mask> stands for one k-mer)."""
     import json
 
+    import warnings
+
     import utr_runtime
 
-    answer = utr_runtime.load(bundle, precision=precision).fill_mask(text, top_k=top_k)
+    model = _load(bundle, precision=precision, device=device, engine=engine)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", utr_runtime.InputWarning)
+        answer = model.fill_mask(text, top_k=top_k)
+    for warning in caught:
+        _log(f"warning: {warning.message}")
     if as_json:
         click.echo(json.dumps(answer, indent=1))
         return
@@ -292,8 +424,9 @@ def fill_mask(bundle, text, top_k, precision, as_json) -> None:
 @click.option("--shapes", default="1x128,1x512,8x128,32x512", show_default=True, help="Comma-separated BATCHxTOKENS shapes.")
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Alternating rounds per shape.")
 @click.option("--threads", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
-@click.option("--precision", help="Comma-separated precisions [default: all in the bundle].")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+@click.option("--precision", type=PrecisionList(PRECISIONS), help="Precisions [default: all in the bundle, and bf16 where it runs].")
+@click.option("--engine", "engines", type=click.Choice(ENGINES[1:]), multiple=True, help="CPU engine to time, repeatable [default: every installed one].")
 @click.option("--e2e-sequences", type=click.IntRange(0), default=24, show_default=True, help="Real 3'UTRs for the end-to-end run (0: skip).")
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch paths.")
 @click.option("--no-tokenizer", is_flag=True, help="Skip the tokenizer benchmark.")
@@ -301,8 +434,8 @@ def fill_mask(bundle, text, top_k, precision, as_json) -> None:
 @click.option("--out", "out_prefix", type=click.Path(path_type=str), help="Write OUT.json and OUT.md (and OUT.png with --plot).")
 @click.option("--plot", is_flag=True, help="Also draw a PNG chart of throughput per path and shape.")
 @_fail_cleanly
-def bench(bundle, shapes, repeats, threads, device, precision, e2e_sequences, no_torch, no_tokenizer, no_memory, out_prefix, plot) -> None:
-    """Time every path (PyTorch, ONNX Runtime per precision) and report against this machine's ceiling."""
+def bench(bundle, shapes, repeats, threads, device, precision, engines, e2e_sequences, no_torch, no_tokenizer, no_memory, out_prefix, plot) -> None:
+    """Time every path (PyTorch; each engine x precision) against this machine's GEMM ceiling of its data type."""
     import json
 
     from . import benchmark
@@ -312,9 +445,10 @@ def bench(bundle, shapes, repeats, threads, device, precision, e2e_sequences, no
         assert shape_list and all(len(s) == 2 and min(s) >= 1 for s in shape_list)
     except (ValueError, AssertionError):
         raise CommandError(f"--shapes: expected BATCHxTOKENS,... (e.g. 1x128,8x128), got {shapes!r}") from None
-    precisions = [p.strip() for p in precision.split(",")] if precision else None
+    precisions = list(precision) if precision else None
     result = benchmark.run_benchmark(bundle, shape_list, repeats, threads, device, precisions, e2e_sequences,
-                                     torch=not no_torch, tokenizer=not no_tokenizer, memory=not no_memory, log=_log)
+                                     torch=not no_torch, tokenizer=not no_tokenizer, memory=not no_memory,
+                                     engines=list(engines) or None, log=_log)
     result["command"] = "utrexport " + " ".join(sys.argv[1:])
     report = benchmark.to_markdown(result)
     click.echo(report)
@@ -332,18 +466,63 @@ def bench(bundle, shapes, repeats, threads, device, precision, e2e_sequences, no
 
 
 class _Progress:
-    """A one-line progress report, redrawn in place, on a terminal only."""
+    """Progress of a long run in nucleotides, updated after every batch: a tqdm bar on a terminal; elsewhere (a log
+    file, a cluster job) a plain line on stderr every LOG_INTERVAL seconds. The total is an estimate (the input's
+    size, headers included), so the ETA errs long; each chunk's exact count replaces the per-batch estimate."""
 
-    def __init__(self):
+    LOG_INTERVAL = 30.0
+
+    def __init__(self, total: int | None):
+        import time
+
+        from tqdm import tqdm
+
         self.live = sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit="nt", unit_scale=True, dynamic_ncols=True, file=sys.stderr, disable=not self.live,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} nt [{elapsed}<{remaining}, {rate_fmt}]{postfix}" if total else None)
+        self.total, self.start, self.last_log = total, time.monotonic(), time.monotonic()
+        self.nt = self.sequences = self.pending = 0
 
-    def update(self, text: str) -> None:
-        if self.live:
-            click.echo(f"\r\033[K{text}", err=True, nl=False)
+    def __enter__(self):
+        return self
 
-    def done(self) -> None:
-        if self.live:
-            click.echo("", err=True)
+    def __exit__(self, *exc):
+        self.bar.close()
+        if not self.live and self.sequences and exc[0] is None:
+            self._log_line(final=True)
+
+    def advance(self, rows: int) -> None:
+        """A batch finished `rows` k-mers (about as many nucleotides)."""
+        self.pending += rows
+        self.bar.update(rows)
+        self._maybe_log()
+
+    def chunk_done(self, sequences: int, nucleotides: int) -> None:
+        """The chunk's exact count replaces its per-batch estimate."""
+        self.sequences += sequences
+        self.nt += nucleotides
+        self.pending = 0
+        self.bar.n = self.nt
+        self.bar.set_postfix_str(f"{self.sequences:,} sequences", refresh=True)
+        self._maybe_log()
+
+    def _maybe_log(self) -> None:
+        import time
+
+        if not self.live and time.monotonic() - self.last_log >= self.LOG_INTERVAL:
+            self.last_log = time.monotonic()
+            self._log_line()
+
+    def _log_line(self, final: bool = False) -> None:
+        import time
+
+        elapsed = time.monotonic() - self.start
+        done = self.nt + self.pending
+        rate = done / elapsed if elapsed > 0 else 0.0
+        line = f"{self.sequences:,} sequences, {done / 1e6:.2f} Mnt, {rate:,.0f} nt/s, {elapsed:.0f} s"
+        if self.total and not final and rate > 0:
+            line += f", about {min(done / self.total, 0.99):.0%} of the input, ETA {max(self.total - done, 0) / rate:.0f} s"
+        _log(("done: " if final else "") + line)
 
 
 def _read_manifest(path) -> dict:

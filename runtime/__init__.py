@@ -6,10 +6,11 @@
 """
 
 from .bundle import Bundle
-from .errors import BundleError, InputError, UtrError
+from .errors import BundleError, InputError, InputWarning, UntrainedModelWarning, UtrError
 from .model import Model, load
 from .tokenizer import KmerTokenizer
 from .verify import verify
 
 __version__ = "0.1.0"
-__all__ = ["Bundle", "BundleError", "InputError", "KmerTokenizer", "Model", "UtrError", "load", "verify", "__version__"]
+__all__ = ["Bundle", "BundleError", "InputError", "InputWarning", "KmerTokenizer", "Model", "UntrainedModelWarning", "UtrError", "load", "verify",
+           "__version__"]

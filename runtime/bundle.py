@@ -22,7 +22,9 @@ from .tokenizer import KmerTokenizer
 FORMAT = "utr-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")  # model files a bundle may hold
+# bf16 is no file: the fp32 model run with bf16 inference (OpenVINO, CPUs with native bf16).
+RUNTIME_PRECISIONS = PRECISIONS + ("bf16",)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -71,6 +73,11 @@ class Bundle:
         return self.manifest.get("engines", {})
 
     @property
+    def trained(self) -> bool:
+        """False for seeded random-init weights (`utrexport build --random-init`)."""
+        return self.manifest["model"].get("trained") is not False
+
+    @property
     def has_lm_head(self) -> bool:
         return "logits" in self.output_names
 
@@ -83,9 +90,12 @@ class Bundle:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def model_file(self, precision: str, device: str = "cpu") -> Path:
-        """The ONNX file of a precision; where the manifest names a variant for this device (int8 on "cpu"), that one."""
-        return self.file(self._model_entry(precision, device)["file"])
+    def model_file(self, precision: str, device: str = "cpu", engine: str = "onnxruntime") -> Path:
+        """The ONNX file a precision runs on an engine: bf16 runs the fp32 file; where the manifest names a
+        variant for ONNX Runtime on this device (int8 on "cpu": its fast u8s8 scheme), that one."""
+        entry = self._model_entry(precision)
+        variant = entry.get("variants", {}).get(device) if engine == "onnxruntime" else None
+        return self.file((variant or entry)["file"])
 
     def model_variants(self, precision: str) -> dict[str, Path]:
         """Every ONNX file of a precision, by label: the precision itself and "<precision>/<variant>"."""
@@ -94,12 +104,16 @@ class Bundle:
         files.update({f"{precision}/{name}": self.file(v["file"]) for name, v in entry.get("variants", {}).items()})
         return files
 
-    def _model_entry(self, precision: str, device: str | None = None) -> dict:
-        if precision not in self.manifest["models"]:
+    def _model_entry(self, precision: str) -> dict:
+        if precision not in RUNTIME_PRECISIONS:
+            raise BundleError(f"unknown precision {precision!r}; choose one of {', '.join(RUNTIME_PRECISIONS)}")
+        if precision in self.manifest.get("left_out", {}):
+            raise BundleError(f"{self.path}: {precision} was left out of this bundle at build time: it did not pass its accuracy gate")
+        stored = "fp32" if precision == "bf16" else precision
+        if stored not in self.manifest["models"]:
             present = ", ".join(self.precisions) or "none"
-            raise BundleError(f"{self.path}: no {precision} model in this bundle (present: {present}); rebuild with --precision {precision}")
-        entry = self.manifest["models"][precision]
-        return entry.get("variants", {}).get(device, entry) if device else entry
+            raise BundleError(f"{self.path}: no {stored} model in this bundle (present: {present}); rebuild it with --precision {stored}")
+        return self.manifest["models"][stored]
 
     def tokenizer(self) -> KmerTokenizer:
         try:

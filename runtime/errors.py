@@ -20,3 +20,11 @@ class InputError(UtrError, ValueError):
 
 class BundleError(UtrError):
     """A bundle folder that is missing, incomplete, corrupted or of another format."""
+
+
+class UntrainedModelWarning(UserWarning):
+    """The bundle holds untrained (random-init) weights: its outputs are fit for tests and speed, not for analysis."""
+
+
+class InputWarning(UserWarning):
+    """Part of an input is left out or read in a way the user may not expect (e.g. a stretch shorter than k)."""

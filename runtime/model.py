@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .bundle import Bundle
-from .engines import open_runner
-from .errors import InputError, UtrError
+from .engines import choose_engine, open_runner
+from .errors import InputError, InputWarning, UntrainedModelWarning, UtrError
 from .parity import task_outputs
-from .tokenizer import foreign_letter
+from .tokenizer import foreign_letter, short_pieces
 from .windows import Window, plan_batches, split_windows
 
 POOLINGS = ("mean", "cls", "tokens")
@@ -19,31 +20,14 @@ AGGREGATES = ("mean", "max", None)
 NO_TASK = "this bundle has no task head; build it from a fine-tuned checkpoint (UtrBertFor{Sequence,Token,Contact}Prediction)"
 
 
-def _stitch(pieces: dict[int, list[tuple[int, np.ndarray]]]) -> list[np.ndarray]:
-    """Each sequence's owned rows, concatenated in order of their first row."""
-    return [np.concatenate([rows for _, rows in sorted(pieces[i], key=lambda p: p[0])]) for i in range(len(pieces))]
-
-
-def _aggregate(pieces: dict[int, list[tuple[int, np.ndarray]]], weights: dict[int, list[int]], how: str | None):
-    """Sequence-level outputs of each sequence's windows (in window order): the mean weighted by the k-mers each
-    window owns, the max, or all of them (None)."""
-    out = []
-    for i in range(len(pieces)):
-        order = np.argsort([start for start, _ in pieces[i]], kind="stable")
-        rows = np.stack([pieces[i][j][1] for j in order])
-        if how == "mean":
-            w = np.asarray(weights[i], np.float64)[order]
-            rows = (rows * w[:, None]).sum(0) / w.sum()
-        elif how == "max":
-            rows = rows.max(0)
-        out.append(rows.astype(np.float32))
-    return out if how is None else np.stack(out)
-
-
-def load(bundle: str | os.PathLike | Bundle, precision: str = "fp32", device: str = "cpu", threads: int | None = None) -> "Model":
+def load(bundle: str | os.PathLike | Bundle, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
+         engine: str = "auto") -> "Model":
     """Open a bundle (format version and checksums checked) and the engine for one of its precisions.
 
+    precision: "fp32", "fp16", "int8", or "bf16" (the fp32 model in bf16; OpenVINO on CPUs with native bf16).
     device: "cpu" or "cuda" (ONNX Runtime), or "tensorrt" (a TensorRT engine built into the bundle).
+    engine: "auto" (OpenVINO on the CPU where installed, else ONNX Runtime), "onnxruntime" or "openvino".
+    int8 means the bundle's symmetric int8 file on OpenVINO and TensorRT, and its u8s8 CPU file on ONNX Runtime's CPU.
     """
     if not isinstance(bundle, Bundle):
         bundle = Bundle(bundle)
@@ -52,7 +36,12 @@ def load(bundle: str | os.PathLike | Bundle, precision: str = "fp32", device: st
 
         runner = open_engine_runner(bundle, precision)
     else:
-        runner = open_runner(bundle.model_file(precision, device), device=device, threads=threads)
+        engine = choose_engine(engine, device, precision)
+        model_file = bundle.model_file(precision, device, engine)
+        runner = open_runner(model_file, device, threads, engine, inference_precision="bf16" if precision == "bf16" else "f32")
+    if not bundle.trained:
+        warnings.warn(f"{bundle.path} holds untrained (random-init) weights: its outputs are for tests and timing, not for analysis",
+                      UntrainedModelWarning, stacklevel=2)
     return Model(bundle, runner, precision, device)
 
 
@@ -68,7 +57,13 @@ class Model:
         self.hidden_size = int(bundle.manifest["model"]["config"]["hidden_size"])
 
     def __repr__(self) -> str:
-        return f"Model(k={self.k}, precision={self.precision!r}, device={self.device!r}, bundle={str(self.bundle.path)!r})"
+        task = f", task={self.task['level']}/{self.task['problem_type']}" if self.task else ""
+        untrained = "" if self.bundle.trained else ", UNTRAINED"
+        return f"Model(k={self.k}{task}{untrained}, precision={self.precision!r}, engine={self.engine!r}, device={self.device!r}, bundle={str(self.bundle.path)!r})"
+
+    @property
+    def engine(self) -> str:
+        return getattr(self.runner, "engine", "tensorrt")
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, input_ids, attention_mask=None, mask_positions=None) -> dict[str, np.ndarray]:
@@ -146,29 +141,48 @@ class Model:
         out = _stitch(pieces) if pooling == "tokens" else (sums / counts[:, None]).astype(np.float32)
         return out[0] if single else out
 
-    def _kmers(self, sequences: list[str], strict: bool) -> list[np.ndarray]:
+    def problems(self, sequences: Sequence[str], strict: bool = False, max_kmers: int | None = None) -> list[str | None]:
+        """Why each sequence cannot be run as given, or None: no k-mer (empty, or shorter than k), a character
+        other than A, C, G, U, T, N (strict), more than `max_kmers` k-mers (contact maps: one window)."""
         for i, seq in enumerate(sequences):
             if not isinstance(seq, str):
                 raise TypeError(f"sequence {i} is {type(seq).__name__}, not str")
-            if strict:
-                bad = foreign_letter(seq)
-                if bad:
-                    raise InputError(f"character {bad[1]!r} at position {bad[0]} is not A, C, G, U, T or N (strict mode)", index=i)
-        rows = self.tokenizer.encode_batch(sequences)
-        for i, row in enumerate(rows):
-            if len(row) <= 2:
-                raise InputError(f"no {self.k}-mer to embed: the sequence is empty or shorter than k={self.k}", index=i)
-        return [row[1:-1] for row in rows]
+        found = []
+        for seq, row in zip(sequences, self.tokenizer.encode_batch(list(sequences))):
+            bad = foreign_letter(seq) if strict else None
+            n = len(row) - 2
+            if bad:
+                found.append(f"character {bad[1]!r} at position {bad[0]} is not A, C, G, U, T or N (strict mode)")
+            elif n < 1:
+                found.append(f"no {self.k}-mer: the sequence is empty or shorter than k={self.k}")
+            elif max_kmers is not None and n > max_kmers:
+                found.append(f"{n} {self.k}-mers; a contact map covers one window, at most {max_kmers} {self.k}-mers ({max_kmers + self.k - 1} nt)")
+            else:
+                found.append(None)
+        return found
+
+    def _kmers(self, sequences: list[str], strict: bool, max_kmers: int | None = None) -> list[np.ndarray]:
+        for i, problem in enumerate(self.problems(sequences, strict, max_kmers)):
+            if problem:
+                raise InputError(problem, index=i)
+        return [row[1:-1] for row in self.tokenizer.encode_batch(sequences)]
+
+    @property
+    def max_kmers(self) -> int | None:
+        """The most k-mers predict() takes in one sequence (contact maps cover one window), or None for no limit."""
+        return self.max_tokens - 2 if self.task and self.task["level"] == "contact" else None
 
     def _window_outputs(self, windows: list[Window], kmers: list[np.ndarray], name: str, batch_size: int, max_batch_tokens: int, progress):
-        """(window, its rows of output `name`, unpadded) for every window, run in length-sorted batches."""
-        done = 0
+        """(window, its rows of output `name`, unpadded) for every window, run in length-sorted batches.
+
+        progress, if given, is called after each batch with the number of rows the batch finished (the rows its
+        windows own: k-mers, or nucleotides for nucleotide-level predictions), so the calls add up to the total.
+        """
         for batch in plan_batches([w.length + 2 for w in windows], max_batch_tokens, batch_size):
             chosen = [windows[j] for j in batch]
             yield from zip(chosen, self._run_windows(chosen, kmers, name))
-            done += len(chosen)
             if progress:
-                progress(done)
+                progress(sum(w.own_end - w.own_start for w in chosen))
 
     def _run_windows(self, windows: list[Window], kmers: list[np.ndarray], name: str) -> list[np.ndarray]:
         """One output's rows for each window, without padding: last_hidden_state (<cls>, k-mers, <eos>), or
@@ -228,13 +242,8 @@ class Model:
             raise InputError(f"aggregate must be one of {', '.join(map(str, AGGREGATES))}, got {aggregate!r}")
         single = isinstance(sequences, str)
         sequences = [sequences] if single else list(sequences)
-        kmers = self._kmers(sequences, strict)
+        kmers = self._kmers(sequences, strict, self.max_kmers)
         level, window = task["level"], self.max_tokens - 2
-        if level == "contact":
-            for i, ids in enumerate(kmers):
-                if len(ids) > window:
-                    raise InputError(f"{len(ids)} {self.k}-mers; a contact map covers one window, at most {window} {self.k}-mers "
-                                     f"({window + self.k - 1} nt)", index=i)
         extent = self.k - 1 if level == "nucleotide" else 0
         windows = [w for i, ids in enumerate(kmers) for w in split_windows(i, len(ids), window, overlap, extent)]
         finish = (lambda x: x.astype(np.float32)) if logits else (lambda x: task_outputs(task["problem_type"], x))
@@ -267,6 +276,10 @@ class Model:
         if not isinstance(top_k, int) or top_k < 1:
             raise InputError(f"top_k must be a positive integer, got {top_k!r}")
         tok = self.tokenizer
+        dropped = short_pieces(text, self.k)
+        if dropped:
+            warnings.warn(f"{', '.join(map(repr, dropped))} {'is' if len(dropped) == 1 else 'are'} shorter than k={self.k} and "
+                          f"give{'s' if len(dropped) == 1 else ''} no {self.k}-mer: left out of the input", InputWarning, stacklevel=2)
         ids = tok.encode(text)
         masked = np.flatnonzero(ids == tok.mask_token_id)
         if not len(masked):
@@ -292,3 +305,24 @@ class Model:
                 )
             answers.append(row)
         return answers[0] if single else answers
+
+
+def _stitch(pieces: dict[int, list[tuple[int, np.ndarray]]]) -> list[np.ndarray]:
+    """Each sequence's owned rows, concatenated in order of their first row."""
+    return [np.concatenate([rows for _, rows in sorted(pieces[i], key=lambda p: p[0])]) for i in range(len(pieces))]
+
+
+def _aggregate(pieces: dict[int, list[tuple[int, np.ndarray]]], weights: dict[int, list[int]], how: str | None):
+    """Sequence-level outputs of each sequence's windows (in window order): the mean weighted by the k-mers each
+    window owns, the max, or all of them (None)."""
+    out = []
+    for i in range(len(pieces)):
+        order = np.argsort([start for start, _ in pieces[i]], kind="stable")
+        rows = np.stack([pieces[i][j][1] for j in order])
+        if how == "mean":
+            w = np.asarray(weights[i], np.float64)[order]
+            rows = (rows * w[:, None]).sum(0) / w.sum()
+        elif how == "max":
+            rows = rows.max(0)
+        out.append(rows.astype(np.float32))
+    return out if how is None else np.stack(out)

@@ -64,6 +64,14 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
         "logits": Tolerance(mean_cosine=0.9999),
         "task_logits": Tolerance(prob_max_abs=0.01, agreement=1.0),
     },
+    # bf16 (fp32 model, bf16 inference on OpenVINO): as near-lossless as fp16 must be.
+    "bf16": {
+        "last_hidden_state": Tolerance(mean_cosine=0.9999),
+        "mean_pooled": Tolerance(mean_cosine=0.9999),
+        "pooler_output": Tolerance(mean_cosine=0.9999),
+        "logits": Tolerance(mean_cosine=0.9999),
+        "task_logits": Tolerance(prob_max_abs=0.01, agreement=1.0),
+    },
     "int8": {
         "last_hidden_state": Tolerance(mean_cosine=0.99, min_cosine=0.98),
         "mean_pooled": Tolerance(mean_cosine=0.99, min_cosine=0.98),
@@ -201,7 +209,7 @@ def _within(t: Tolerance, c: Comparison) -> bool:
 
 def format_table(rows: list[dict]) -> str:
     """Rows of `Comparison.as_dict()` (plus a 'precision' key) as an aligned text table."""
-    header = ("precision", "output", "max abs diff", "mean cosine", "min cosine", "top-1", "prob abs", "labels", "tolerance", "result")
+    header = ("precision", "engine", "output", "max abs diff", "mean cosine", "min cosine", "top-1", "prob abs", "labels", "tolerance", "result")
     lines = [header]
 
     def optional(value, form):
@@ -209,7 +217,7 @@ def format_table(rows: list[dict]) -> str:
 
     for r in rows:
         lines.append(
-            (r.get("precision", ""), r["output"], f"{r['max_abs']:.3e}", f"{r['mean_cosine']:.6f}", f"{r['min_cosine']:.6f}",
+            (r.get("precision", ""), r.get("engine", ""), r["output"], f"{r['max_abs']:.3e}", f"{r['mean_cosine']:.6f}", f"{r['min_cosine']:.6f}",
              optional(r.get("top1"), ".4f"), optional(r.get("prob_max_abs"), ".2e"), optional(r.get("agreement"), ".4f"),
              r["tolerance"], "PASS" if r["passed"] else "FAIL")
         )

@@ -20,21 +20,22 @@ SEQUENCE_COLUMNS = ("sequence", "seq", "sequences")
 NAME_COLUMNS = ("id", "name", "identifier")
 
 
-def read_sequences(source: str | os.PathLike, column: str | None = None) -> Iterator[tuple[str, str]]:
+def read_sequences(source: str | os.PathLike, column: str | None = None, unique: bool = True) -> Iterator[tuple[str, str]]:
     """Yield (name, sequence) from a FASTA, TSV or CSV file (gzip or not), or stdin for "-".
 
     The format is read from the content: '>' first means FASTA; otherwise a table whose header names a
     sequence column (`column`, or one of sequence/seq); a header-less stream is one sequence per line.
-    Duplicate names are refused, since outputs are keyed by them.
+    Duplicate names are refused (outputs are keyed by them) unless `unique=False`, for a caller that judges them.
     """
     label = "stdin" if os.fspath(source) == "-" else os.fspath(source)
     seen: set[str] = set()
     with _open_text(source) as handle:
         try:
             for name, seq in _parse(handle, label, column):
-                if name in seen:
-                    raise InputError(f"{label}: duplicate sequence id {name!r}")
-                seen.add(name)
+                if unique:
+                    if name in seen:
+                        raise InputError(f"{label}: duplicate sequence id {name!r}")
+                    seen.add(name)
                 yield name, seq
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:
             raise InputError(f"{label}: truncated or corrupt gzip data ({e})") from None

@@ -282,6 +282,12 @@ class KmerTokenizer:
             raise ValueError(f"{os.fspath(path)}: {e}") from None
 
 
+def short_pieces(text: str, k: int) -> list[str]:
+    """The non-empty stretches between special tokens in `text` that are shorter than k: they give no k-mer and
+    so vanish from the encoding (e.g. 'GGUC' before a <mask> when k=6)."""
+    return [part for part in _SPECIAL_SPLIT.split(text) if part and part not in SPECIAL_TOKENS and len(part) < k]
+
+
 def foreign_letter(sequence: str) -> tuple[int, str] | None:
     """(position, character) of the first character that is not A, C, G, U, T or N (any case), or None."""
     found = _FOREIGN.search(sequence)

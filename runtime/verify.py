@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from .bundle import Bundle
-from .engines import open_runner
+from .engines import installed, open_runner
 from .errors import BundleError
 from .parity import TOLERANCES, compare
 
@@ -25,10 +25,13 @@ def load_fixtures(bundle: Bundle) -> dict[str, np.ndarray]:
         raise BundleError(f"{bundle.path}: cannot read {name} ({e})") from None
 
 
-def verify(bundle: Bundle | str | os.PathLike, precisions=None, device: str = "cpu", threads: int | None = None) -> list[dict]:
-    """Comparison rows (with a 'precision' key) of every model file's outputs against the PyTorch reference outputs.
+def verify(bundle: Bundle | str | os.PathLike, precisions=None, device: str = "cpu", threads: int | None = None, engines=None) -> list[dict]:
+    """Comparison rows (with 'precision' and 'engine' keys) of every model file's outputs, on every engine,
+    against the PyTorch reference outputs.
 
-    Besides the raw outputs, the mean-pooled embedding (what `embed` returns) is compared as `mean_pooled`.
+    engines: on the CPU, every installed engine by default (ONNX Runtime, OpenVINO); bf16 is checked on OpenVINO
+    where the CPU has native bf16. Besides the raw outputs, the mean-pooled embedding (what `embed` returns) is
+    compared as `mean_pooled`.
     """
     if not isinstance(bundle, Bundle):
         bundle = Bundle(bundle)
@@ -38,28 +41,47 @@ def verify(bundle: Bundle | str | os.PathLike, precisions=None, device: str = "c
     reference = {k: v for k, v in fixtures.items() if k in bundle.output_names}
     reference["mean_pooled"] = mean_pooled(reference["last_hidden_state"], mask)
     rows = []
-    for label, precision, runner in _runners(bundle, precisions, device, threads):
+    for label, precision, runner in _runners(bundle, precisions, device, threads, engines):
         candidate = runner.run(feeds)
         candidate["mean_pooled"] = mean_pooled(candidate["last_hidden_state"], mask)
         for result in compare(reference, candidate, TOLERANCES[precision], mask, bundle.task):
-            rows.append({"precision": label, **result.as_dict()})
+            rows.append({"precision": label, "engine": runner.engine, **result.as_dict()})
     return rows
 
 
-def _runners(bundle: Bundle, precisions, device: str, threads):
-    """(label, precision, runner) for every model file of each precision, or every engine on device="tensorrt"."""
+def default_engines(device: str = "cpu") -> list[str]:
+    """The engines verify runs on a device: ONNX Runtime, and OpenVINO on the CPU where it is installed."""
+    return ["onnxruntime"] + (["openvino"] if device == "cpu" and installed("openvino") else [])
+
+
+def _runners(bundle: Bundle, precisions, device: str, threads, engines):
+    """(label, precision, runner) for every model file of each precision on each engine, or every TensorRT engine."""
     if device == "tensorrt":
         from .engines.tensorrt import open_engine_runner
 
-        engines = bundle.engines
-        if not engines:
+        built = bundle.engines
+        if not built:
             raise BundleError(f"{bundle.path}: no TensorRT engines; build them with: utrexport engine {bundle.path} --precision fp16")
-        for precision in precisions or list(engines):
+        for precision in precisions or list(built):
             yield f"{precision}/tensorrt", precision, open_engine_runner(bundle, precision)
         return
-    for precision in precisions or bundle.precisions:
-        for label, model_file in bundle.model_variants(precision).items():
-            yield label, precision, open_runner(model_file, device=device, threads=threads)
+    for engine in engines or default_engines(device):
+        for precision in precisions or _precisions(bundle, engine):
+            if precision == "bf16":
+                yield "bf16", "bf16", open_runner(bundle.model_file("bf16"), device, threads, engine, inference_precision="bf16")
+                continue
+            for label, model_file in bundle.model_variants(precision).items():
+                yield label, precision, open_runner(model_file, device, threads, engine)
+
+
+def _precisions(bundle: Bundle, engine: str) -> list[str]:
+    """The bundle's precisions, and bf16 on OpenVINO where the CPU runs it natively."""
+    if engine == "openvino" and "fp32" in bundle.precisions and "bf16" not in bundle.manifest.get("left_out", {}):
+        from .engines.openvino import bf16_supported
+
+        if bf16_supported():
+            return bundle.precisions + ["bf16"]
+    return bundle.precisions
 
 
 def mean_pooled(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

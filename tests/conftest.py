@@ -132,3 +132,29 @@ def task_bundle(task_checkpoint, tmp_path_factory):
         return built[k, level, problem_type]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def all_precisions(tmp_path_factory):
+    """A 2-layer model at the real width (hidden 768) in fp32, fp16 and int8: quantization error depends on width,
+    so a toy width would judge the int8 tolerances on a model nobody deploys."""
+    from utrexport import checkpoints
+    from utrexport.build import Calibration, build_bundle
+
+    out = tmp_path_factory.mktemp("precisions") / "b4"
+    ckpt = checkpoints.from_random_init(4, seed=3, num_hidden_layers=2)
+    return build_bundle(ckpt, out, ("fp32", "fp16", "int8"), log=lambda m: None, calibration=Calibration(size=16))
+
+
+def expected_rows(bundle) -> set[tuple[str, str]]:
+    """(precision label, engine) of every verify row group for a bundle on this machine: each model file on
+    ONNX Runtime, and on OpenVINO where installed, with bf16 where this CPU runs it natively."""
+    from utr_runtime.engines import installed
+
+    labels = {label for p in bundle.precisions for label in bundle.model_variants(p)}
+    rows = {(label, "onnxruntime") for label in labels}
+    if installed("openvino"):
+        from utr_runtime.engines.openvino import bf16_supported
+
+        rows |= {(label, "openvino") for label in labels} | ({("bf16", "openvino")} if bf16_supported() else set())
+    return rows

@@ -6,6 +6,7 @@ import json
 
 from click.testing import CliRunner
 
+from utr_runtime.engines import installed
 from utrexport.benchmark import model_flops, peak_memory
 from utrexport.cli import main
 
@@ -19,8 +20,12 @@ def test_bench_writes_json_markdown_and_plot(tiny_bundle, tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     paths = {r["path"] for r in report["shapes"]}
     assert {"multimolecule (PyTorch cpu)", "utrexport module (PyTorch cpu)", "ONNX Runtime fp32 (cpu)"} <= paths
+    if installed("openvino"):
+        assert {"OpenVINO fp32 (cpu)"} <= paths
     assert {r["shape"] for r in report["shapes"]} == {"1x16", "2x24"}
-    assert report["ceiling_gflops"] > 0 and all(r["gflops"] > 0 for r in report["shapes"])
+    assert report["ceilings"]["fp32"]["gflops"] > 0 and all(r["gflops"] > 0 for r in report["shapes"])
+    assert all(r["fraction_of_ceiling"] > 0 for r in report["shapes"] if r["dtype"] in report["ceilings"])
+    assert report["machine"]["cpu"] and isinstance(report["machine"]["isa"], list)
     assert {r["data"] for r in report["end_to_end"]} == {"3'UTRs", "100-nt windows"}
     assert report["fill_mask"] and "speedup_vs_reference" in report["fill_mask"][0]
     assert "| 2x24 |" in (tmp_path / "bench.md").read_text()
@@ -41,3 +46,13 @@ def test_flop_count_matches_bert_base():
 def test_bad_shapes_are_refused(tiny_bundle):
     result = CliRunner().invoke(main, ["bench", str(tiny_bundle(3, "base")), "--shapes", "8by128"])
     assert result.exit_code == 1 and "--shapes" in result.output
+
+
+def test_bench_times_predict_on_a_task_bundle(task_bundle, tmp_path):
+    args = ["bench", str(task_bundle(3, "sequence", "binary")), "--shapes", "1x16", "--repeats", "1", "--e2e-sequences", "0",
+            "--no-memory", "--no-tokenizer", "--engine", "onnxruntime", "--out", str(tmp_path / "b")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "b.json").read_text())["predict"]
+    assert [r["path"] for r in rows] == ["multimolecule forward (PyTorch)", "utr_runtime predict, ONNX Runtime fp32 (cpu)"]
+    assert all(r["sequences_per_s"] > 0 for r in rows)

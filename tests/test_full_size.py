@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import utr_runtime
-from conftest import multimolecule, padded_real_batch
+from conftest import expected_rows, multimolecule, padded_real_batch
+from utr_runtime.verify import default_engines
 from utrexport import checkpoints
 from utrexport.build import build_bundle
 
@@ -25,7 +26,7 @@ def test_full_size_k6_bundle_verifies(full_k6):
     """fp32, fp16 and both int8 schemes within their tolerances (parity.TOLERANCES) on held-out real sequences."""
     _, path = full_k6
     rows = utr_runtime.verify(path)
-    assert {r["precision"] for r in rows} == {"fp32", "fp16", "int8", "int8/cpu"}
+    assert {(r["precision"], r["engine"]) for r in rows} == expected_rows(utr_runtime.Bundle(path))
     assert all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]
     bundle = utr_runtime.Bundle(path)
     assert bundle.manifest["model"]["trained"] is False
@@ -45,7 +46,8 @@ def test_full_size_k6_equals_multimolecule(full_k6):
     batch = padded_real_batch(6, n=8, max_tokens=128)
     with torch.no_grad():
         expected = reference.model(torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(batch["attention_mask"]))
-    got = utr_runtime.load(path).forward(batch["input_ids"], batch["attention_mask"])
     real = batch["attention_mask"].astype(bool)
-    assert np.abs(got["last_hidden_state"] - expected.last_hidden_state.numpy())[real].max() <= ATOL
-    assert np.abs(got["pooler_output"] - expected.pooler_output.numpy()).max() <= ATOL
+    for engine in default_engines():
+        got = utr_runtime.load(path, engine=engine).forward(batch["input_ids"], batch["attention_mask"])
+        assert np.abs(got["last_hidden_state"] - expected.last_hidden_state.numpy())[real].max() <= ATOL, engine
+        assert np.abs(got["pooler_output"] - expected.pooler_output.numpy()).max() <= ATOL, engine

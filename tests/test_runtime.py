@@ -142,9 +142,9 @@ def test_forward_guards_the_engine(k3):
 
 def test_bad_sequences_get_clear_errors(k3):
     model, _ = k3
-    with pytest.raises(InputError, match="sequence 1: no 3-mer to embed"):
+    with pytest.raises(InputError, match="sequence 1: no 3-mer: the sequence is empty"):
         model.embed(["ACGUA", ""])
-    with pytest.raises(InputError, match="sequence 0: no 3-mer to embed"):
+    with pytest.raises(InputError, match="sequence 0: no 3-mer: the sequence is empty"):
         model.embed(["AC"])
     with pytest.raises(InputError, match=r"sequence 0: character 'R' at position 2 .*strict"):
         model.embed(["ACRGU"], strict=True)
@@ -223,7 +223,7 @@ def test_cli_embed_reads_tables_and_stdin(tiny_bundle, tmp_path):
     "content, message",
     [
         (">a\nACGUACG\n>a\nGGCAUU\n", "duplicate sequence id 'a'"),
-        (">a\nACGUACG\n>b\n\n", "record 'b': no 3-mer to embed"),
+        (">a\nACGUACG\n>b\n\n", "record 'b': no 3-mer: the sequence is empty"),
         (">a\nACGUXCG\n", "record 'a': character 'X'"),
         ("", "no sequences"),
     ],
@@ -287,3 +287,58 @@ def test_runtime_works_without_torch(tiny_bundle):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env={**os.environ})
     assert done.returncode == 0, done.stderr
     assert "(2, 32)" in done.stdout
+
+
+def test_cli_finds_a_bad_record_before_any_model_work(tiny_bundle, tmp_path, monkeypatch):
+    """A duplicate id at the end of a large input is reported before the first batch runs, not after hours."""
+    records = list(real_sequences())[:40]
+    write_fasta(tmp_path / "in.fa", records + [records[0]])
+    calls = []
+    monkeypatch.setattr(utr_runtime.Model, "embed", lambda self, *a, **k: calls.append(1) or np.zeros((len(a[0]), 32), np.float32))
+    result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(tmp_path / "in.fa"), "-o", str(tmp_path / "o.npy"), "--chunk", "4"])
+    assert result.exit_code == 1 and f"record {records[0][0]!r}: duplicate sequence id" in result.output
+    assert not calls, "the model never ran"
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_cli_skip_invalid_writes_the_valid_records_and_a_report(k3, tiny_bundle, tmp_path):
+    model, _ = k3
+    good = list(real_sequences("utrbert_seq_to_extract.fasta"))
+    records = [good[0], ("short", "AC"), good[1], (good[0][0], "ACGUACGUAC"), ("odd", "ACGUXXACGU"), good[2], ("empty", "")]
+    write_fasta(tmp_path / "in.fa", records)
+    bundle = str(tiny_bundle(3, "pretraining"))
+    for source, stdin in ((str(tmp_path / "in.fa"), None), ("-", (tmp_path / "in.fa").read_text())):
+        out = tmp_path / "o.npz"
+        result = CliRunner().invoke(main, ["embed", bundle, source, "-o", str(out), "--strict", "--skip-invalid", "--chunk", "2"], input=stdin)
+        assert result.exit_code == 0, result.output
+        assert "skipped 4 invalid record(s)" in result.output
+        data = np.load(out)
+        assert data["ids"].tolist() == [n for n, _ in good]
+        np.testing.assert_allclose(data["vectors"], model.embed([s for _, s in good]), atol=1e-5)
+        report = (tmp_path / "o.npz.skipped.tsv").read_text().splitlines()
+        assert report[0] == "id\treason" and [line.split("\t")[0] for line in report[1:]] == ["short", good[0][0], "odd", "empty"]
+        assert "duplicate sequence id" in report[2] and "character 'X' at position 4" in report[3] and "no 3-mer" in report[1]
+    result = CliRunner().invoke(main, ["embed", bundle, "-", "-o", str(tmp_path / "none.npy"), "--skip-invalid"], input=">a\nAC\n")
+    assert result.exit_code == 1 and "no valid sequences" in result.output and not (tmp_path / "none.npy").exists()
+
+
+def test_fill_mask_warns_about_text_that_gives_no_kmer(k3, tiny_bundle):
+    model, _ = k3
+    with pytest.warns(utr_runtime.InputWarning, match=r"'GG' is shorter than k=3 and gives no 3-mer: left out of the input"):
+        model.fill_mask("GG<mask>ACGUAGCUAG")
+    result = CliRunner().invoke(main, ["fill-mask", str(tiny_bundle(3, "pretraining")), "GG<mask>ACGUAGCUAG"])
+    assert result.exit_code == 0 and "warning: 'GG' is shorter than k=3" in result.output
+
+
+def test_untrained_bundles_say_so(tmp_path):
+    from utrexport import checkpoints
+    from utrexport.build import build_bundle
+
+    path = build_bundle(checkpoints.from_random_init(3, seed=0, num_hidden_layers=1, hidden_size=32, num_attention_heads=4,
+                                                     intermediate_size=64), tmp_path / "random", log=lambda m: None)
+    with pytest.warns(utr_runtime.UntrainedModelWarning, match="untrained"):
+        model = utr_runtime.load(path)
+    assert "UNTRAINED" in repr(model)
+    for args in (["verify", str(path)], ["fill-mask", str(path), "ACG<mask>GCAUUAG"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0 and "warning:" in result.output and "untrained (random-init) weights" in result.output

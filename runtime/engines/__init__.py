@@ -1,24 +1,56 @@
 """Engine runners: one file per engine, one small interface.
 
-A runner is made from a model file and has `input_names`, `output_names` and `run(feeds) -> {name: array}`.
-The engine's package is imported only when its runner is made.
+A runner is made from a model file and has `engine`, `input_names`, `output_names` and
+`run(feeds) -> {name: array}`. The engine's package is imported only when its runner is made.
+
+On the CPU, `engine="auto"` takes OpenVINO where it is installed and ONNX Runtime otherwise: OpenVINO was faster
+for every precision on the x86 CPUs measured (docs/engines.md). CUDA runs ONNX Runtime; TensorRT engines are
+opened by `utr_runtime.load(..., device="tensorrt")`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from ..errors import UtrError
 
 DEVICES = ("cpu", "cuda", "tensorrt")
+ENGINES = ("auto", "onnxruntime", "openvino")
 
 
-def open_runner(model_file: str | os.PathLike, device: str = "cpu", threads: int | None = None):
-    """A runner for an ONNX model: ONNX Runtime on "cpu" or "cuda"; native TensorRT engines use `device="tensorrt"`."""
-    if device in ("cpu", "cuda"):
-        from .onnxruntime import OnnxRuntimeRunner
+def installed(engine: str) -> bool:
+    return importlib.util.find_spec(engine) is not None
 
-        return OnnxRuntimeRunner(model_file, device=device, threads=threads)
+
+def choose_engine(engine: str, device: str = "cpu", precision: str = "fp32") -> str:
+    """The engine `engine` names, or for "auto" the fastest one installed for this device and precision."""
+    if engine not in ENGINES:
+        raise UtrError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine != "auto":
+        return engine
+    if device == "cpu" and (precision == "bf16" or installed("openvino")):
+        return "openvino"
+    return "onnxruntime"
+
+
+def open_runner(model_file: str | os.PathLike, device: str = "cpu", threads: int | None = None, engine: str = "onnxruntime",
+                inference_precision: str = "f32"):
+    """A runner for an ONNX model: ONNX Runtime on "cpu" or "cuda", OpenVINO on "cpu".
+
+    inference_precision: "f32", or "bf16" (OpenVINO on a CPU with native bf16: an fp32 model run in bf16).
+    """
     if device == "tensorrt":
         raise UtrError("device='tensorrt' runs a TensorRT engine file, not ONNX: use utr_runtime.load(bundle, device='tensorrt')")
-    raise UtrError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device not in DEVICES:
+        raise UtrError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    engine = choose_engine(engine, device)
+    if engine == "openvino":
+        from .openvino import OpenVinoRunner
+
+        return OpenVinoRunner(model_file, device=device, threads=threads, inference_precision=inference_precision)
+    if inference_precision != "f32":
+        raise UtrError(f"{inference_precision} inference runs on OpenVINO only: pip install 'utrexport[openvino]' and use engine='openvino'")
+    from .onnxruntime import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(model_file, device=device, threads=threads)

@@ -1,0 +1,61 @@
+"""OpenVINO runner (CPU): reads the bundle's ONNX files as they are, opset 23 Attention included.
+
+Inference precision is explicit, because OpenVINO's CPU plugin otherwise runs float models in bf16 wherever the
+CPU has native bf16: "f32" for the fp32 and fp16 files, "bf16" for precision="bf16" (the fp32 file, bf16 inside).
+The model is compiled once per runner (about 1-2 s for a full-size model). OpenVINO can cache compiled blobs, but a
+full-size int8 blob is about 140 MB and saves about 0.7 s per load, so no cache is written.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import UtrError
+
+INFERENCE_PRECISIONS = {"f32": "f32", "bf16": "bf16"}
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX), as OpenVINO reports it."""
+    return "BF16" in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def _core():
+    try:
+        import openvino
+    except ImportError:
+        raise UtrError("OpenVINO is not installed: pip install 'utrexport[openvino]'") from None
+    return openvino.Core()
+
+
+class OpenVinoRunner:
+    engine = "openvino"
+
+    def __init__(self, model_file: str | os.PathLike, device: str = "cpu", threads: int | None = None, inference_precision: str = "f32"):
+        if device != "cpu":
+            raise UtrError(f"the OpenVINO runner runs on device='cpu', not {device!r}")
+        if inference_precision not in INFERENCE_PRECISIONS:
+            raise UtrError(f"unknown OpenVINO inference precision {inference_precision!r}")
+        core = _core()
+        if inference_precision == "bf16" and not bf16_supported():
+            raise UtrError("bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX); this one has neither: use fp32 or int8")
+        try:
+            model = core.read_model(os.fspath(model_file))
+            # Names from the model as read: compiling may rename outputs whose producers it fuses.
+            self.input_names = [port.get_any_name() for port in model.inputs]
+            self.output_names = [port.get_any_name() for port in model.outputs]
+            config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[inference_precision]}
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = threads
+            self.compiled = core.compile_model(model, "CPU", config)
+        except Exception as e:
+            raise UtrError(f"{model_file}: OpenVINO cannot load it ({str(e).strip().splitlines()[0][:300]})") from None
+        self.request = self.compiled.create_infer_request()
+        self.device = device
+        self.inference_precision = inference_precision
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.request.infer({name: feeds[name] for name in self.input_names})
+        return {name: np.array(results[port]) for name, port in zip(self.output_names, self.compiled.outputs)}
