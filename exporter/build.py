@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -57,8 +58,7 @@ def build_bundle(
 ) -> Path:
     """Write a verified bundle for `checkpoint` at `output`; nothing is left at `output` unless it verifies."""
     output = Path(output)
-    if output.exists() and not force:
-        raise BuildError(f"{output} exists; pass --force to replace it")
+    check_output(output, force)
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         raise BuildError(f"unknown precision {unknown}; choose from {', '.join(PRECISIONS)}")
@@ -66,9 +66,7 @@ def build_bundle(
     if calibration.method not in CALIBRATION_METHODS:
         raise BuildError(f"unknown calibration method {calibration.method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    work = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    work = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))  # fresh, ours alone
     try:
         _build_into(work, checkpoint, precisions, calibration, log)
         _replace(work, output)
@@ -289,6 +287,26 @@ def _tool_versions() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def check_output(output: Path, force: bool) -> None:
+    """A bundle may be written at `output`: nothing is there, or a bundle that --force allows to be replaced."""
+    if output.exists() or output.is_symlink():
+        if not force:
+            raise BuildError(f"{output} exists; pass --force to replace it")
+        if output.is_symlink() or not is_bundle(output):
+            raise BuildError(f"{output} is not a bundle; --force replaces bundles only, never other files or folders: "
+                             "choose another --output, or remove it yourself")
+
+
+def is_bundle(path: Path) -> bool:
+    """A folder whose manifest.json says it is a bundle (of any format version): what --force may replace."""
+    import json
+
+    try:
+        return path.is_dir() and json.loads((path / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _replace(work: Path, output: Path) -> None:

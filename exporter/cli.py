@@ -90,6 +90,27 @@ def _load(bundle: str, **options):
 @click.version_option(package_name="utrexport")
 def main() -> None:
     """Export 3UTRBERT to ONNX/TensorRT bundles and run them without PyTorch."""
+    import signal
+
+    # SIGTERM (a scheduler's kill, a timeout) unwinds like Ctrl-C, so temporary outputs are removed, not left behind.
+    signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _check_output(output: str, input: str, force: bool) -> None:
+    """One overwrite policy for every command that writes: an existing output is replaced only with --force, and
+    never when it is the input itself."""
+    import os
+
+    if not os.path.lexists(output):
+        return
+    if input != "-" and os.path.exists(input) and os.path.exists(output) and os.path.samefile(input, output):
+        raise CommandError(f"{output} is the input {input}: writing it would destroy the input; choose another output")
+    if not force:
+        raise CommandError(f"{output} exists; pass --force to replace it")
 
 
 @main.command()
@@ -123,16 +144,15 @@ def build(ctx, k, checkpoint, hub_id, random_init, seed, layers, precision, cali
         raise CommandError("--layers applies to --random-init only")
     precisions = precision
     output = output or f"bundles/utrbert-{k}mer" + ("-random" if random_init else "")
-    from pathlib import Path
-
-    if Path(output).exists() and not force:
-        raise CommandError(f"{output} exists; pass --force to replace it")
-
     import importlib.util
+    from pathlib import Path
 
     missing = [m for m in ("torch", "onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise CommandError(f"utrexport build needs the exporter's packages ({', '.join(missing)} missing): pip install 'utrexport[export]'")
+    from .build import check_output
+
+    check_output(Path(output), force)  # before minutes of work
     from . import checkpoints
     from .build import Calibration, build_bundle
 
@@ -223,6 +243,7 @@ def _model_options(fn):
         click.option("--batch-tokens", type=click.IntRange(512), default=8192, show_default=True, help="Token budget of one batch."),
         click.option("--chunk", type=click.IntRange(1), default=512, show_default=True, help="Sequences read, run and written at a time."),
         click.option("--threads", type=click.IntRange(1), help="Engine threads [default: all cores]."),
+        click.option("--force", is_flag=True, help="Replace an existing OUTPUT (never the input)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -238,8 +259,9 @@ def _model_options(fn):
 @_model_options
 @_fail_cleanly
 def embed(bundle, input, output, pooling, truncate, precision, device, engine, column, strict, skip_invalid, overlap, batch_tokens, chunk,
-          threads) -> None:
+          threads, force) -> None:
     """Embed the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin): one vector per sequence."""
+    _check_output(output, input, force)
     from .writers import open_writer
 
     model = _load(bundle, precision=precision, device=device, threads=threads, engine=engine)
@@ -264,8 +286,9 @@ def embed(bundle, input, output, pooling, truncate, precision, device, engine, c
 @_model_options
 @_fail_cleanly
 def predict(bundle, input, output, logits, aggregate, precision, device, engine, column, strict, skip_invalid, overlap, batch_tokens,
-            chunk, threads) -> None:
+            chunk, threads, force) -> None:
     """Run a fine-tuned bundle's task head on the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin)."""
+    _check_output(output, input, force)
     from utr_runtime.model import NO_TASK
     from utr_runtime.parity import task_outputs
 
@@ -357,15 +380,16 @@ def _valid_chunks(input: str, column: str | None, chunk: int, check, judged, ski
 def _write_skipped(output: str, skipped: list[tuple[str, str]]) -> str:
     """OUTPUT.skipped.tsv: id and reason of each record left out, written whole or not at all."""
     import csv
-    import os
+    import io
 
+    from .writers import write_text
+
+    text = io.StringIO()
+    table = csv.writer(text, delimiter="\t", lineterminator="\n")
+    table.writerow(["id", "reason"])
+    table.writerows(skipped)
     report = f"{output}.skipped.tsv"
-    partial = f"{report}.partial-{os.getpid()}"
-    with open(partial, "w", newline="", encoding="utf-8") as f:
-        table = csv.writer(f, delimiter="\t", lineterminator="\n")
-        table.writerow(["id", "reason"])
-        table.writerows(skipped)
-    os.replace(partial, report)
+    write_text(report, text.getvalue())
     return report
 
 

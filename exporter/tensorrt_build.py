@@ -65,7 +65,7 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
         raise EngineError(f"TensorRT could not parse {onnx_file.name}: {errors}")
 
     config = builder.create_builder_config()
-    cache_file = bundle.file(TIMING_CACHE)
+    cache_file = bundle.new_file(TIMING_CACHE)
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     for lo, opt, hi in profiles:
@@ -86,7 +86,7 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
     seconds = time.perf_counter() - start
 
     engine_name = f"engine.{precision}.plan"
-    _write_atomic(bundle.file(engine_name), bytes(serialized))
+    _write_atomic(bundle.new_file(engine_name), bytes(serialized))
     _write_atomic(cache_file, bytes(config.get_timing_cache().serialize()))
     manifest = bundle.manifest
     manifest.setdefault("engines", {})[precision] = {
@@ -94,10 +94,10 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
         "gpu": device["name"], "compute_capability": device["compute_capability"],
         "profiles": [[list(s) for s in p] for p in profiles], "build_seconds": round(seconds, 1), "timing_cache": TIMING_CACHE,
     }
-    manifest["files"][engine_name] = sha256_file(bundle.file(engine_name))
+    manifest["files"][engine_name] = sha256_file(bundle.new_file(engine_name))
     write_manifest(bundle.path, manifest)
-    log(f"engine written to {bundle.file(engine_name)} in {seconds:.0f} s")
-    return bundle.file(engine_name)
+    log(f"engine written to {bundle.new_file(engine_name)} in {seconds:.0f} s")
+    return bundle.new_file(engine_name)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -92,13 +92,18 @@ def _ragged_columns(pa, arrays: list[np.ndarray]) -> dict:
 
 
 class _Atomic:
+    """The output's temporary file: created beside the target with a fresh random name, exclusively (O_EXCL: a
+    planted file or symlink is never followed or reused), written through its own descriptor, renamed at the end."""
+
     def __init__(self, path: Path):
         if path.is_dir():
             raise UtrError(f"{path}: is a folder")
         if not path.parent.is_dir():
             raise UtrError(f"{path.parent}: no such folder for the output")
         self.path = path
-        self.partial = path.parent / f".{path.name}.partial-{os.getpid()}"
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        self.partial = Path(name)
+        self.file = os.fdopen(fd, "w+b")
         self.rows = 0
 
     def __enter__(self):
@@ -107,7 +112,12 @@ class _Atomic:
     def __exit__(self, kind, value, tb):
         self.close() if kind is None else self.abort()
 
+    def _publish(self) -> None:
+        self.file.close()
+        os.replace(self.partial, self.path)
+
     def abort(self) -> None:
+        self.file.close()
         self.partial.unlink(missing_ok=True)
 
 
@@ -119,14 +129,18 @@ class NumpyWriter(_Atomic):
     """
 
     def __init__(self, path: Path, dim: int, name: str = "vectors", ragged: bool = False):
-        super().__init__(path)
         if ragged and path.suffix.lower() != ".npz":
             raise UtrError(f"{path}: this output is ragged (one array per record): write it as .npz")
+        super().__init__(path)
         self.dim, self.name, self.ragged = dim, name, ragged
         self.ids: list[str] = []
         self.lengths: list[int] = []
         self.value_rows = 0
-        self.scratch = tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.rows-")
+        try:
+            self.scratch = tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.rows-")
+        except BaseException:
+            super().abort()
+            raise
 
     def write(self, ids: list[str], vectors) -> None:
         arrays = list(vectors) if self.ragged else [vectors]
@@ -148,23 +162,34 @@ class NumpyWriter(_Atomic):
     def close(self) -> None:
         try:
             if self.path.suffix.lower() == ".npy":
-                with open(self.partial, "wb") as out:
-                    self._write_npy(out)
+                self._write_npy(self.file)
             else:
-                with zipfile.ZipFile(self.partial, "w", allowZip64=True) as archive:
+                with zipfile.ZipFile(self.file, "w", allowZip64=True) as archive:
                     _add_array(archive, "ids", np.array(self.ids, dtype=str))
                     if self.ragged:
                         _add_array(archive, "lengths", np.array(self.lengths, dtype=np.int64))
                     with archive.open(f"{self.name}.npy", "w", force_zip64=True) as out:
                         self._write_npy(out)
-            os.replace(self.partial, self.path)
+            self._publish()
         finally:
             self.scratch.close()
+            self.file.close()
             self.partial.unlink(missing_ok=True)
 
     def abort(self) -> None:
         self.scratch.close()
         super().abort()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """A small text file, written whole or not at all (the same safe temporary file as every output)."""
+    out = _Atomic(Path(path))
+    try:
+        out.file.write(text.encode("utf-8"))
+    except BaseException:
+        out.abort()
+        raise
+    out._publish()
 
 
 def _add_array(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
@@ -179,8 +204,8 @@ class TableWriter(_Atomic):
     def __init__(self, path: Path, task: dict):
         super().__init__(path)
         self.task = task
-        self.file = open(self.partial, "w", newline="", encoding="utf-8")
-        self.table = csv.writer(self.file, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", lineterminator="\n")
+        self.text = io.TextIOWrapper(self.file, encoding="utf-8", newline="")
+        self.table = csv.writer(self.text, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", lineterminator="\n")
         self.table.writerow(["id"] + ["label"] * _decides(task) + list(task["labels"]))
 
     def write(self, ids: list[str], rows) -> None:
@@ -191,27 +216,27 @@ class TableWriter(_Atomic):
         self.rows += len(ids)
 
     def close(self) -> None:
-        self.file.close()
-        os.replace(self.partial, self.path)
-
-    def abort(self) -> None:
-        self.file.close()
-        super().abort()
+        self.text.flush()
+        self._publish()
 
 
 class ParquetWriter(_Atomic):
     """An `id` column and the columns `fields(pa)` names, filled by `columns(pa, rows)` for each chunk."""
 
     def __init__(self, path: Path, fields, columns):
-        super().__init__(path)
-        try:
+        try:  # before the temporary file exists: the import is slow, and may fail or be interrupted
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise UtrError("parquet output needs pyarrow: pip install 'utrexport[parquet]'") from None
         self.pa, self.columns = pa, columns
         self.schema = pa.schema([("id", pa.string()), *fields(pa)])
-        self.writer = pq.ParquetWriter(str(self.partial), self.schema)
+        super().__init__(path)
+        try:
+            self.writer = pq.ParquetWriter(self.file, self.schema)
+        except BaseException:
+            super().abort()
+            raise
 
     def write(self, ids: list[str], rows) -> None:
         pa = self.pa
@@ -221,8 +246,10 @@ class ParquetWriter(_Atomic):
 
     def close(self) -> None:
         self.writer.close()
-        os.replace(self.partial, self.path)
+        self._publish()
 
     def abort(self) -> None:
-        self.writer.close()
-        super().abort()
+        try:
+            self.writer.close()
+        finally:
+            super().abort()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 from .errors import BundleError
@@ -88,6 +89,18 @@ class Bundle:
         return {**task, "k": self.k} if task else None
 
     def file(self, name: str) -> Path:
+        """A file the runtime may open: a plain name inside the bundle, listed in the manifest with its checksum,
+        and a regular file (not a link, which could point anywhere, nor a fifo or device, which would hang)."""
+        path = self.new_file(name)
+        if name not in self.manifest["files"]:
+            raise BundleError(f"{self.path}: {name} is not listed with a checksum in the manifest; it is not opened")
+        _regular(path, self.path, name)
+        return path
+
+    def new_file(self, name: str) -> Path:
+        """Where a file of this name lives in the bundle (to write it): the name must stay inside the folder."""
+        if not isinstance(name, str) or name in ("", ".", "..", MANIFEST) or any(c in name for c in "/\\\0") or name != os.path.basename(name):
+            raise BundleError(f"{self.path}: the manifest names a file {name!r}: only plain names inside the bundle are allowed")
         return self.path / name
 
     def model_file(self, precision: str, device: str = "cpu", engine: str = "onnxruntime") -> Path:
@@ -128,10 +141,18 @@ class Bundle:
         """Every file the manifest lists exists and has its recorded sha256."""
         for name, expected in self.manifest["files"].items():
             path = self.file(name)
-            if not path.is_file():
-                raise BundleError(f"{self.path}: missing file {name} (the bundle is incomplete)")
             if sha256_file(path) != expected:
                 raise BundleError(f"{self.path}: checksum mismatch for {name} (the file is corrupted or was changed)")
+
+
+def _regular(path: Path, bundle: Path, name: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise BundleError(f"{bundle}: missing file {name} (the bundle is incomplete)") from None
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise BundleError(f"{bundle}: {name} is {kind}; a bundle holds regular files only")
 
 
 def _read_manifest(path: Path) -> dict:
@@ -152,7 +173,42 @@ def _read_manifest(path: Path) -> dict:
     for key in ("model", "max_tokens", "tokenizer", "inputs", "outputs", "models", "files"):
         if key not in manifest:
             raise BundleError(f"{manifest_file}: missing {key!r}")
+    _check_schema(manifest, manifest_file)
     return manifest
+
+
+def _check_schema(m: dict, where: Path) -> None:
+    """The manifest's fields the runtime relies on have the types it relies on; one line naming the first that does not."""
+
+    def fail(what: str):
+        raise BundleError(f"{where}: malformed manifest: {what}")
+
+    def names(entries) -> bool:
+        return isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries)
+
+    model = m["model"]
+    if not isinstance(model, dict) or not isinstance(model.get("config"), dict):
+        fail("'model' must be an object with a 'config' object")
+    if type(model.get("k")) is not int or not 1 <= model["k"] <= 8:
+        fail(f"model k must be an integer from 1 to 8, not {model.get('k')!r}")
+    if type(model["config"].get("hidden_size")) is not int or model["config"]["hidden_size"] < 1:
+        fail("model config hidden_size must be a positive integer")
+    if type(m["max_tokens"]) is not int or not 3 <= m["max_tokens"] <= 1 << 16:
+        fail(f"max_tokens must be an integer from 3 to 65536, not {m['max_tokens']!r}")
+    if not isinstance(m["files"], dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in m["files"].items()):
+        fail("'files' must map file names to sha256 strings")
+    if not isinstance(m["models"], dict) or not all(isinstance(v, dict) and isinstance(v.get("file"), str) for v in m["models"].values()):
+        fail("'models' must map precisions to objects with a 'file'")
+    if not names(m["inputs"]) or not names(m["outputs"]):
+        fail("'inputs' and 'outputs' must be lists of objects with a 'name'")
+    if [i["name"] for i in m["inputs"]][:2] != ["input_ids", "attention_mask"] or "last_hidden_state" not in [o["name"] for o in m["outputs"]]:
+        fail("the model must take input_ids and attention_mask and give last_hidden_state")
+    if not isinstance(m["tokenizer"], str):
+        fail("'tokenizer' must be a file name")
+    task = m.get("task")
+    if task is not None and (not isinstance(task, dict) or task.get("level") not in ("sequence", "nucleotide", "contact")
+                             or not isinstance(task.get("labels"), list) or type(task.get("num_labels")) is not int):
+        fail("'task' must give level, problem_type, num_labels and labels")
 
 
 def write_manifest(path: str | os.PathLike, manifest: dict) -> None:

@@ -247,18 +247,30 @@ def test_checkpoint_errors_are_clear(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_existing_bundle_is_kept_without_force(tiny_checkpoint, tmp_path):
+def test_force_replaces_a_bundle_and_nothing_else(tiny_checkpoint, tmp_path):
+    """An existing output is kept without --force; with it, a bundle is replaced, but a folder or file that is not a
+    bundle never is (it could be anyone's work)."""
     folder, _ = tiny_checkpoint(3, "base")
+    important = tmp_path / "important"
+    (important / "sub").mkdir(parents=True)
+    (important / "thesis.txt").write_text("mine")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("mine too")
+    build = ["build", "--kmer", "3", "--checkpoint", str(folder), "--precision", "fp32", "-o"]
+    for target in (important, plain):
+        result = CliRunner().invoke(main, build + [str(target)])
+        assert result.exit_code == 1 and "exists; pass --force" in result.output
+        result = CliRunner().invoke(main, build + [str(target), "--force"])
+        assert result.exit_code == 1 and "is not a bundle; --force replaces bundles only" in result.output, result.output
+    assert (important / "thesis.txt").read_text() == "mine" and (important / "sub").is_dir() and plain.read_text() == "mine too"
+
     out = tmp_path / "bundle"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    result = CliRunner().invoke(main, ["build", "--kmer", "3", "--checkpoint", str(folder), "-o", str(out)])
-    assert result.exit_code == 1 and "--force" in result.output
-    assert (out / "keep.txt").read_text() == "mine"
-    result = CliRunner().invoke(main, ["build", "--kmer", "3", "--checkpoint", str(folder), "-o", str(out), "--force", "--precision", "fp32"])
+    assert CliRunner().invoke(main, build + [str(out)]).exit_code == 0
+    first = (out / "manifest.json").read_text()
+    result = CliRunner().invoke(main, build + [str(out), "--force"])
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["bundle"], "no temporary folders left behind"
+    assert (out / "manifest.json").read_text() != first, "replaced by the new build"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "important", "plain.txt"], "no temporary folders left behind"
 
 
 def run_cli(args, env):

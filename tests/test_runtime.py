@@ -232,7 +232,8 @@ def test_cli_embed_bad_input_fails_cleanly(tiny_bundle, tmp_path, content, messa
     (tmp_path / "in.fa").write_text(content)
     out = tmp_path / "out.npy"
     out.write_bytes(b"previous result")
-    result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(tmp_path / "in.fa"), "-o", str(out), "--strict", "--chunk", "1"])
+    args = ["embed", str(tiny_bundle(3, "pretraining")), str(tmp_path / "in.fa"), "-o", str(out), "--strict", "--chunk", "1", "--force"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and message in result.output, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert out.read_bytes() == b"previous result", "the earlier output is neither lost nor half-replaced"
@@ -309,7 +310,7 @@ def test_cli_skip_invalid_writes_the_valid_records_and_a_report(k3, tiny_bundle,
     bundle = str(tiny_bundle(3, "pretraining"))
     for source, stdin in ((str(tmp_path / "in.fa"), None), ("-", (tmp_path / "in.fa").read_text())):
         out = tmp_path / "o.npz"
-        result = CliRunner().invoke(main, ["embed", bundle, source, "-o", str(out), "--strict", "--skip-invalid", "--chunk", "2"], input=stdin)
+        result = CliRunner().invoke(main, ["embed", bundle, source, "-o", str(out), "--strict", "--skip-invalid", "--chunk", "2", "--force"], input=stdin)
         assert result.exit_code == 0, result.output
         assert "skipped 4 invalid record(s)" in result.output
         data = np.load(out)
