@@ -76,8 +76,10 @@ def from_folder(path: str | os.PathLike, k: int | None = None, problem_type: str
         raise CheckpointError(f"{folder}: no config.json (expected a multimolecule or original 3UTRBERT checkpoint)")
     try:
         config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: not a JSON object")
     weights_file, state = _read_weights(folder)
     source = {"kind": "folder", "path": str(folder.resolve()), "file": weights_file.name, "sha256": sha256_file(weights_file)}
     if any(key.startswith("bert.") for key in state):
@@ -96,9 +98,8 @@ def from_hub(repo_id: str, k: int | None = None, revision: str | None = None, pr
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=["config.json", *WEIGHT_FILES, "vocab.txt"])
     except Exception as e:  # network, offline-cache miss, missing repo: all end the same way for the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"cannot fetch {repo_id!r} from the model hub ({type(e).__name__}: {reason[:200]}); "
+            f"cannot fetch {repo_id!r} from the model hub ({type(e).__name__}: {_first_sentence(e)}); "
             "use --checkpoint DIR for a local folder, or --random-init for untrained weights"
         ) from None
     checkpoint = from_folder(folder, k, problem_type)
@@ -130,7 +131,8 @@ def _from_multimolecule(config: dict, state: dict, k: int | None, source: dict, 
             raise CheckpointError(f"{source['path']}: the MLM decoder is not tied to the word embeddings; untied heads are not supported")
     wanted = {key: value for key, value in state.items() if key not in ignored and not key.startswith("lm_head.decoder.")}
     wanted = {key: value for key, value in wanted.items() if not key.endswith("position_ids")}
-    cfg = _config_from(config, k_file, pooler="pooler.dense.weight" in wanted, lm_head="lm_head.bias" in wanted, task=task)
+    cfg = _config_from(config, k_file, pooler="pooler.dense.weight" in wanted, lm_head="lm_head.bias" in wanted, task=task,
+                       state=wanted, where=source["path"])
     if task is not None and task.level == "sequence" and not cfg.pooler:
         raise CheckpointError(f"{source['path']}: a sequence head reads the pooler output, but the checkpoint has no pooler")
     checkpoint = Checkpoint(cfg, wanted, source, trained=True, ignored_keys=ignored)
@@ -221,8 +223,12 @@ def _from_original(config: dict, state: dict, folder: Path, k: int | None, sourc
             renamed[key[len("bert.") :]] = value
         elif key.startswith("cls.predictions."):
             renamed["lm_head." + key[len("cls.predictions.") :]] = value
+    if "embeddings.word_embeddings.weight" not in renamed:
+        raise CheckpointError(f"{folder}: no bert.embeddings.word_embeddings.weight in the weights")
+    lm_head = "lm_head.bias" in renamed or "lm_head.decoder.bias" in renamed
+    cfg = _config_from(config, k_file, pooler="pooler.dense.weight" in renamed, lm_head=lm_head, state=renamed, where=str(folder))
     new_vocab = KmerTokenizer(k_file).vocabulary
-    std = float(config.get("initializer_range", 0.02))
+    std = cfg.initializer_range
     # The decoder's bias is the one the MLM used (BERT ties lm_head.bias to it); take it as multimolecule does.
     old_bias = renamed.get("lm_head.decoder.bias", renamed.get("lm_head.bias"))
     words, bias = _remap_rows(renamed["embeddings.word_embeddings.weight"], old_bias, old_vocab, new_vocab, std)
@@ -230,7 +236,6 @@ def _from_original(config: dict, state: dict, folder: Path, k: int | None, sourc
     if bias is not None:
         renamed["lm_head.bias"] = bias
     renamed = {key: value for key, value in renamed.items() if not key.startswith("lm_head.decoder") and not key.endswith("position_ids")}
-    cfg = _config_from(config, k_file, pooler="pooler.dense.weight" in renamed, lm_head="lm_head.bias" in renamed)
     return _checked(Checkpoint(cfg, renamed, source, trained=True))
 
 
@@ -257,21 +262,53 @@ def _remap_rows(words: torch.Tensor, bias: torch.Tensor | None, old_vocab: list[
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _config_from(config: dict, k: int, pooler: bool, lm_head: bool, task: TaskHead | None = None) -> UtrBertConfig:
-    return UtrBertConfig(
-        k=k,
-        hidden_size=int(config.get("hidden_size", 768)),
-        num_hidden_layers=int(config.get("num_hidden_layers", 12)),
-        num_attention_heads=int(config.get("num_attention_heads", 12)),
-        intermediate_size=int(config.get("intermediate_size", 3072)),
-        max_position_embeddings=int(config.get("max_position_embeddings", 512)),
-        type_vocab_size=int(config.get("type_vocab_size", 2)),
-        layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
-        initializer_range=float(config.get("initializer_range", 0.02)),
-        pooler=pooler,
-        lm_head=lm_head,
-        task=task,
-    )
+SIZE_LIMITS = {  # generous bounds: a config outside them is a wrong or hostile file, not a model
+    "hidden_size": (1, 16384), "num_hidden_layers": (1, 256), "num_attention_heads": (1, 1024),
+    "intermediate_size": (1, 65536), "max_position_embeddings": (3, 65536), "type_vocab_size": (1, 64),
+}
+DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+            "max_position_embeddings": 512, "type_vocab_size": 2}
+
+
+def _config_from(config: dict, k: int, pooler: bool, lm_head: bool, task: TaskHead | None = None, state: dict | None = None,
+                 where: str = "checkpoint") -> UtrBertConfig:
+    """The architecture the config states, checked for types and ranges, and against the weights' shapes before
+    anything of that size is allocated."""
+    sizes = {}
+    for key, (low, high) in SIZE_LIMITS.items():
+        value = config.get(key, DEFAULTS[key])
+        if type(value) is not int or not low <= value <= high:
+            raise CheckpointError(f"{where}: config {key} must be an integer from {low} to {high}, not {value!r}")
+        sizes[key] = value
+    if sizes["hidden_size"] % sizes["num_attention_heads"]:
+        raise CheckpointError(f"{where}: hidden_size {sizes['hidden_size']} is not divisible by num_attention_heads {sizes['num_attention_heads']}")
+    numbers = {}
+    for key, default in (("layer_norm_eps", 1e-12), ("initializer_range", 0.02)):
+        value = config.get(key, default)
+        if type(value) not in (int, float) or not 0 < value < 1:
+            raise CheckpointError(f"{where}: config {key} must be a number between 0 and 1, not {value!r}")
+        numbers[key] = float(value)
+    if state is not None:
+        _check_sizes_against_weights(sizes, state, where)
+    return UtrBertConfig(k=k, **sizes, **numbers, pooler=pooler, lm_head=lm_head, task=task)
+
+
+def _check_sizes_against_weights(sizes: dict, state: dict, where: str) -> None:
+    layers = {key.split(".")[2] for key in state if key.startswith("encoder.layer.")}
+    found = {
+        "hidden_size": _dim(state, "embeddings.word_embeddings.weight", 1),
+        "max_position_embeddings": _dim(state, "embeddings.position_embeddings.weight", 0),
+        "intermediate_size": _dim(state, "encoder.layer.0.intermediate.dense.weight", 0),
+        "num_hidden_layers": len(layers) or None,
+    }
+    for key, value in found.items():
+        if value is not None and value != sizes[key]:
+            raise CheckpointError(f"{where}: config {key} is {sizes[key]} but the weights have {value}")
+
+
+def _dim(state: dict, key: str, axis: int) -> int | None:
+    tensor = state.get(key)
+    return int(tensor.shape[axis]) if tensor is not None and tensor.dim() > axis else None
 
 
 def _checked(checkpoint: Checkpoint) -> Checkpoint:
@@ -291,6 +328,12 @@ def _checked(checkpoint: Checkpoint) -> Checkpoint:
     return checkpoint
 
 
+def _first_sentence(error: Exception, limit: int = 300) -> str:
+    """An exception's first line, whole where it fits, else cut at a word with an ellipsis (never mid-word)."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0].strip()
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def _check_k(k_file: int, k: int | None, source: dict) -> None:
     if k is not None and int(k_file) != int(k):
         where = source.get("path", "checkpoint")
@@ -308,5 +351,5 @@ def _read_weights(folder: Path) -> tuple[Path, dict]:
                     return path, load_file(str(path))
                 return path, torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {str(e)[:200]})") from None
+                raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {_first_sentence(e)})") from None
     raise CheckpointError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES)})")

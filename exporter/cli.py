@@ -237,6 +237,8 @@ def _model_options(fn):
         _engine_option,
         click.option("--column", help="Sequence column of a TSV/CSV input [default: sequence or seq]."),
         click.option("--strict", is_flag=True, help="Refuse sequences with characters other than A, C, G, U, T, N."),
+        click.option("--max-length", type=click.IntRange(1), default=10_000_000, show_default=True,
+                     help="Longest record (nt) read; longer is an error (or skipped): a guard against wrong files."),
         click.option("--skip-invalid", is_flag=True,
                      help="Leave out bad records (duplicate id, no k-mer, --strict characters) and list them in OUTPUT.skipped.tsv."),
         click.option("--overlap", type=click.IntRange(0, 500), default=64, show_default=True, help="k-mers shared by neighbouring windows."),
@@ -258,8 +260,8 @@ def _model_options(fn):
 @click.option("--truncate", is_flag=True, help="Embed only the first window of long sequences instead of all windows.")
 @_model_options
 @_fail_cleanly
-def embed(bundle, input, output, pooling, truncate, precision, device, engine, column, strict, skip_invalid, overlap, batch_tokens, chunk,
-          threads, force) -> None:
+def embed(bundle, input, output, pooling, truncate, precision, device, engine, column, strict, max_length, skip_invalid, overlap,
+          batch_tokens, chunk, threads, force) -> None:
     """Embed the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin): one vector per sequence."""
     _check_output(output, input, force)
     from .writers import open_writer
@@ -271,7 +273,7 @@ def embed(bundle, input, output, pooling, truncate, precision, device, engine, c
                            progress=progress)
 
     with open_writer(output, model.hidden_size) as writer:
-        _stream(input, column, chunk, run, writer, lambda seqs: model.problems(seqs, strict), skip_invalid, output)
+        _stream(input, column, chunk, run, writer, lambda seqs: model.problems(seqs, strict), skip_invalid, output, max_length)
     click.echo(f"{writer.rows} embeddings ({model.hidden_size}-d, {pooling} pooling) written to {output}")
 
 
@@ -285,8 +287,8 @@ def embed(bundle, input, output, pooling, truncate, precision, device, engine, c
               help="Sequence level: how the windows of a sequence longer than one window are combined.")
 @_model_options
 @_fail_cleanly
-def predict(bundle, input, output, logits, aggregate, precision, device, engine, column, strict, skip_invalid, overlap, batch_tokens,
-            chunk, threads, force) -> None:
+def predict(bundle, input, output, logits, aggregate, precision, device, engine, column, strict, max_length, skip_invalid, overlap,
+            batch_tokens, chunk, threads, force) -> None:
     """Run a fine-tuned bundle's task head on the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin)."""
     _check_output(output, input, force)
     from utr_runtime.model import NO_TASK
@@ -307,12 +309,13 @@ def predict(bundle, input, output, logits, aggregate, precision, device, engine,
         return values, task_outputs(task["problem_type"], values) if logits else values
 
     with open_prediction_writer(output, task) as writer:
-        _stream(input, column, chunk, run, writer, lambda seqs: model.problems(seqs, strict, model.max_kmers), skip_invalid, output)
+        _stream(input, column, chunk, run, writer, lambda seqs: model.problems(seqs, strict, model.max_kmers), skip_invalid, output,
+                max_length)
     what = "raw outputs" if logits else ("values" if task["problem_type"] == "regression" else "probabilities")
     click.echo(f"{task['level']}-level {what} of {writer.rows} sequences ({', '.join(task['labels'])}) written to {output}")
 
 
-def _stream(input: str, column: str | None, chunk: int, run, writer, check, skip_invalid: bool, output: str) -> None:
+def _stream(input: str, column: str | None, chunk: int, run, writer, check, skip_invalid: bool, output: str, max_length: int) -> None:
     """Read INPUT `chunk` records at a time, `run` them and write the results, reporting progress per batch.
 
     Records are judged before any model work: a file is scanned whole first (stdin as it streams), so a bad
@@ -331,12 +334,12 @@ def _stream(input: str, column: str | None, chunk: int, run, writer, check, skip
         skipped.append((name, reason))
 
     if input != "-":
-        for _ in _valid_chunks(input, column, chunk, check, judged, skip_invalid):
+        for _ in _valid_chunks(input, column, chunk, check, judged, skip_invalid, max_length):
             pass
         skipped.clear()
     unknown = 0
     with _Progress(_size_estimate(input)) as progress:
-        for batch in _valid_chunks(input, column, chunk, check, judged, skip_invalid):
+        for batch in _valid_chunks(input, column, chunk, check, judged, skip_invalid, max_length):
             names, seqs = [n for n, _ in batch], [s for _, s in batch]
             try:
                 result = run(seqs, progress.advance)
@@ -356,17 +359,22 @@ def _stream(input: str, column: str | None, chunk: int, run, writer, check, skip
         _log(f"note: {unknown} sequences hold characters other than A, C, G, U, T, N; the k-mers holding them were read as <unk> (--strict refuses them)")
 
 
-def _valid_chunks(input: str, column: str | None, chunk: int, check, judged, skip: bool):
+MAX_ID_LENGTH = 256  # ids are stored whole in every output; a longer "id" is a wrong file or a FASTA header gone awry
+
+
+def _valid_chunks(input: str, column: str | None, chunk: int, check, judged, skip: bool, max_length: int):
     """Lists of up to `chunk` good (name, sequence) records; each bad one goes to `judged(name, reason)`."""
     import itertools
 
     from utr_runtime.sequences import read_sequences
 
-    records, seen = read_sequences(input, column=column, unique=False), set()
+    records, seen = read_sequences(input, column=column, unique=False, max_length=max_length), set()
     while batch := list(itertools.islice(records, chunk)):
         good = []
         for (name, seq), problem in zip(batch, check([s for _, s in batch])):
-            if name in seen:
+            if len(name) > MAX_ID_LENGTH:
+                judged(name[:40] + "...", f"id of {len(name):,} characters; ids are at most {MAX_ID_LENGTH}")
+            elif name in seen:
                 judged(name, f"duplicate sequence id {name!r}" + (" (the first record with it is kept)" if skip else ""))
             elif problem:
                 judged(name, problem)

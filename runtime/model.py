@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from typing import Callable, Sequence
 
@@ -12,11 +13,13 @@ from .bundle import Bundle
 from .engines import choose_engine, open_runner
 from .errors import InputError, InputWarning, UntrainedModelWarning, UtrError
 from .parity import task_outputs
-from .tokenizer import foreign_letter, short_pieces
+from .tokenizer import foreign_fraction, foreign_letter, short_pieces
 from .windows import Window, plan_batches, split_windows
 
 POOLINGS = ("mean", "cls", "tokens")
 AGGREGATES = ("mean", "max", None)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # tab, newline aside: a sequence never holds them
+MOST_FOREIGN = 0.5  # a "sequence" mostly of other characters is a wrong file or column, not RNA with a few IUPAC codes
 NO_TASK = "this bundle has no task head; build it from a fine-tuned checkpoint (UtrBertFor{Sequence,Token,Contact}Prediction)"
 
 
@@ -71,20 +74,27 @@ class Model:
         input_ids = np.asarray(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0 or not np.issubdtype(input_ids.dtype, np.integer):
+        if input_ids.ndim != 2 or 0 in input_ids.shape or not np.issubdtype(input_ids.dtype, np.integer):
             raise InputError(f"input_ids must be a non-empty (batch, length) integer array, got shape {input_ids.shape} {input_ids.dtype}")
         if input_ids.shape[1] > self.max_tokens:
-            raise InputError(f"{input_ids.shape[1]} tokens is more than this model's maximum of {self.max_tokens}; use embed(), which splits long sequences into windows")
+            raise InputError(f"{input_ids.shape[1]} tokens is more than this model's maximum of {self.max_tokens}; embed() and predict() "
+                             "split long sequences into windows, but a single forward pass (and fill-mask) cannot")
         if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= self.tokenizer.vocab_size):
             raise InputError(f"token ids must lie in 0..{self.tokenizer.vocab_size - 1} for k={self.k}")
         if attention_mask is None:
             attention_mask = (input_ids != self.tokenizer.pad_token_id).astype(np.int64)
-        attention_mask = np.asarray(attention_mask, dtype=np.int64).reshape(input_ids.shape)
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask}
+        attention_mask = np.asarray(attention_mask)
+        if attention_mask.shape != input_ids.shape:
+            raise InputError(f"attention_mask must have the shape of input_ids {input_ids.shape}, got {attention_mask.shape}")
+        if not np.isin(attention_mask, (0, 1)).all() or attention_mask.dtype.kind not in "biu":
+            raise InputError("attention_mask must hold 0 and 1 only (integers or booleans)")
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
         if "mask_positions" in self.runner.input_names:
-            positions = np.zeros((len(input_ids), 1), np.int64) if mask_positions is None else np.asarray(mask_positions, np.int64)
-            if positions.ndim != 2 or len(positions) != len(input_ids) or positions.min(initial=0) < 0 or positions.max(initial=0) >= input_ids.shape[1]:
-                raise InputError("mask_positions must be a (batch, positions) array of indices into each row")
+            positions = np.zeros((len(input_ids), 1), np.int64) if mask_positions is None else np.asarray(mask_positions)
+            if (positions.ndim != 2 or len(positions) != len(input_ids) or positions.dtype.kind not in "iu"
+                    or positions.min(initial=0) < 0 or positions.max(initial=0) >= input_ids.shape[1]):
+                raise InputError("mask_positions must be a (batch, positions) integer array of indices into each row")
+            positions = positions.astype(np.int64)
             feeds["mask_positions"] = positions
         elif mask_positions is not None:
             raise InputError("this bundle's model has no MLM head (no logits); build it from a MaskedLM/PreTraining checkpoint")
@@ -142,8 +152,9 @@ class Model:
         return out[0] if single else out
 
     def problems(self, sequences: Sequence[str], strict: bool = False, max_kmers: int | None = None) -> list[str | None]:
-        """Why each sequence cannot be run as given, or None: no k-mer (empty, or shorter than k), a character
-        other than A, C, G, U, T, N (strict), more than `max_kmers` k-mers (contact maps: one window)."""
+        """Why each sequence cannot be run as given, or None: a control character, mostly characters other than
+        A, C, G, U, T, N (over half of at least 20: not a sequence), no k-mer (empty, or shorter than k), any such
+        character (strict), more than `max_kmers` k-mers (contact maps: one window)."""
         for i, seq in enumerate(sequences):
             if not isinstance(seq, str):
                 raise TypeError(f"sequence {i} is {type(seq).__name__}, not str")
@@ -151,7 +162,12 @@ class Model:
         for seq, row in zip(sequences, self.tokenizer.encode_batch(list(sequences))):
             bad = foreign_letter(seq) if strict else None
             n = len(row) - 2
-            if bad:
+            control = _CONTROL.search(seq)
+            if control:
+                found.append(f"control character {control.group()!r} at position {control.start()}: not a sequence (a binary file?)")
+            elif len(seq) >= 20 and foreign_fraction(seq) > MOST_FOREIGN:
+                found.append(f"{foreign_fraction(seq):.0%} of its characters are not A, C, G, U, T or N: not a nucleotide sequence")
+            elif bad:
                 found.append(f"character {bad[1]!r} at position {bad[0]} is not A, C, G, U, T or N (strict mode)")
             elif n < 1:
                 found.append(f"no {self.k}-mer: the sequence is empty or shorter than k={self.k}")

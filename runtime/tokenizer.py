@@ -170,7 +170,7 @@ class KmerTokenizer:
         starts = np.cumsum(lengths) - lengths
         text = upper.replace("T", "U")
         # One byte a letter for ASCII text (the usual case; str.isascii is O(1)), four otherwise.
-        points = np.frombuffer(text.encode("ascii"), np.uint8) if text.isascii() else np.frombuffer(text.encode("utf-32-le"), np.uint32)
+        points = np.frombuffer(text.encode("ascii"), np.uint8) if text.isascii() else np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
         codes = np.full(len(points) + self.k - 1, _INVALID, dtype=np.int8)
         codes[: len(points)] = _CODES[points]
         # Pack each k-mer's codes at 3 bits a letter, then one table maps packed -> id (<unk> if any invalid).
@@ -286,6 +286,11 @@ def short_pieces(text: str, k: int) -> list[str]:
     """The non-empty stretches between special tokens in `text` that are shorter than k: they give no k-mer and
     so vanish from the encoding (e.g. 'GGUC' before a <mask> when k=6)."""
     return [part for part in _SPECIAL_SPLIT.split(text) if part and part not in SPECIAL_TOKENS and len(part) < k]
+
+
+def foreign_fraction(sequence: str) -> float:
+    """The fraction of characters that are not A, C, G, U, T or N (any case)."""
+    return len(_FOREIGN.findall(sequence)) / len(sequence) if sequence else 0.0
 
 
 def foreign_letter(sequence: str) -> tuple[int, str] | None:

@@ -131,3 +131,132 @@ def test_sigterm_leaves_no_partial_output(tiny_bundle, tmp_path):
     _, stderr = run.communicate(timeout=60)
     assert run.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fa"], "no output, no partial file"
+
+
+# ------------------------------------------------------------------------------------------------ readers
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from utr_runtime.errors import InputError  # noqa: E402
+from utr_runtime.sequences import read_sequences  # noqa: E402
+
+
+def test_tsv_quotes_are_text_and_csv_quotes_may_not_span_records(tmp_path):
+    (tmp_path / "q.tsv").write_text('id\tsequence\na\tAC"GUAGCU\nb\tGGCAUU\nc\tAUUAGC\n')
+    assert [n for n, _ in read_sequences(tmp_path / "q.tsv")] == ["a", "b", "c"], "3 records in, 3 out"
+    (tmp_path / "q.csv").write_text('id,sequence\na,"AC\nGU"\nb,GGCAUU\n')
+    with pytest.raises(InputError, match="line 2: a quoted field runs over 2 lines"):
+        list(read_sequences(tmp_path / "q.csv"))
+    (tmp_path / "ok.csv").write_text('id,sequence\n"a,1",ACGU\n')
+    assert list(read_sequences(tmp_path / "ok.csv")) == [("a,1", "ACGU")]
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / "b.fa").write_bytes(b"\xef\xbb\xbf>x\nACGUAGC\n>y\nGGCAUUA\n")
+    assert list(read_sequences(tmp_path / "b.fa")) == [("x", "ACGUAGC"), ("y", "GGCAUUA")]
+    (tmp_path / "b.tsv").write_bytes(b"\xef\xbb\xbfid\tsequence\nx\tACGUAGC\n")
+    assert list(read_sequences(tmp_path / "b.tsv")) == [("x", "ACGUAGC")]
+
+
+def test_endless_and_huge_records_end_in_one_line(tmp_path):
+    with pytest.raises(InputError, match="line 1 is longer than 1,000 characters"):
+        list(read_sequences("/dev/zero", max_length=1000))
+    import gzip
+
+    with gzip.open(tmp_path / "long.fa.gz", "wt") as f:
+        f.write(">a\n" + "ACGUACGUAC\n" * 20_000)  # 200,000 nt in short lines
+    with pytest.raises(InputError, match="record 'a' is longer than 100,000 nucleotides"):
+        list(read_sequences(tmp_path / "long.fa.gz", max_length=100_000))
+    (tmp_path / "wide.tsv").write_text("id\tsequence\na\t" + "ACGU" * 50_000 + "\n")  # over csv's default field limit
+    assert len(list(read_sequences(tmp_path / "wide.tsv"))[0][1]) == 200_000
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=400) | st.builds(lambda parts: "".join(parts).encode(), st.lists(st.sampled_from(
+    [">", ">a", ">b x", "\n", "\r\n", "\t", ",", '"', "ACGU", "acgun", "\ufeff", "id\tsequence\n", "seq,name\n", "\x00", "é"]), max_size=40)))
+def test_readers_yield_records_or_one_clear_error(tmp_path, data):
+    """Whatever the bytes (random, BOMs, quotes, CRLF, NULs), a reader yields (str, str) records or an InputError."""
+    path = tmp_path / "fuzz"
+    path.write_bytes(data)
+    try:
+        records = list(read_sequences(path, max_length=300))
+    except InputError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    assert all(isinstance(n, str) and isinstance(s, str) and len(s) <= 300 for n, s in records)
+
+
+# ------------------------------------------------------------------------------------------------ records
+def test_binary_and_non_sequence_records_are_refused(tiny_bundle, tmp_path):
+    model = utr_runtime.load(tiny_bundle(3, "pretraining"))
+    problems = model.problems(["ACGU\x00\x01ACGU", "The quick brown fox jumps over the lazy dog", "ACGUNNRYACGUACGUACGU", "AC\udcffGUAGCUAGC"])
+    assert problems[0].startswith("control character '\\x00' at position 4")
+    assert "not a nucleotide sequence" in problems[1]
+    assert problems[2] is None and problems[3] is None, "a few IUPAC codes or a stray character are <unk>, not an error"
+    (tmp_path / "bin.fa").write_bytes(b">a\nACGU\x00\x07\x1bGGCAUU\n")
+    result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(tmp_path / "bin.fa"), "-o", str(tmp_path / "o.npy")])
+    assert result.exit_code == 1 and "record 'a': control character" in result.output
+
+
+def test_a_huge_id_is_refused_not_stored(tiny_bundle, tmp_path):
+    (tmp_path / "id.fa").write_text(">" + "x" * 20_000 + "\nACGUAGCUAG\n>b\nGGCAUUAGC\n")
+    out = tmp_path / "o.npz"
+    args = ["embed", str(tiny_bundle(3, "pretraining")), str(tmp_path / "id.fa"), "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "id of 20,000 characters; ids are at most 256" in result.output
+    result = CliRunner().invoke(main, args + ["--skip-invalid"])
+    assert result.exit_code == 0 and np.load(out)["ids"].tolist() == ["b"] and out.stat().st_size < 10_000
+
+
+def test_lone_surrogates_are_unknown_characters(tiny_bundle):
+    model = utr_runtime.load(tiny_bundle(3, "pretraining"))
+    assert model.tokenizer.encode("AC\udcffGU").tolist() == [1, 3, 3, 3, 2]
+    assert model.embed("ACGUAC\udcffGUAGCUAG").shape == (32,)
+
+
+def test_forward_refuses_what_the_engine_would_misread(tiny_bundle):
+    model = utr_runtime.load(tiny_bundle(3, "pretraining"))
+    ids = np.full((2, 6), 7, np.int64)
+    cases = [
+        (dict(input_ids=np.zeros((0, 6), np.int64)), "non-empty"),
+        (dict(input_ids=ids, attention_mask=np.ones((3, 4), np.int64)), "attention_mask must have the shape of input_ids"),
+        (dict(input_ids=ids, attention_mask=np.full((2, 6), 7)), "0 and 1 only"),
+        (dict(input_ids=ids, attention_mask=np.full((2, 6), 0.5)), "0 and 1 only"),
+        (dict(input_ids=ids, attention_mask=-np.ones((2, 6), np.int64)), "0 and 1 only"),
+        (dict(input_ids=ids, mask_positions=np.array([[1.7], [2.2]])), "integer array of indices"),
+        (dict(input_ids=np.full((1, 600), 7)), "a single forward pass \\(and fill-mask\\) cannot"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InputError, match=message):
+            model.forward(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(num_hidden_layers=10**6), "num_hidden_layers must be an integer from 1 to 256"),
+        (lambda c: c.update(hidden_size=10**6), "hidden_size must be an integer from 1 to 16384"),
+        (lambda c: c.update(hidden_size="abc"), "hidden_size must be an integer"),
+        (lambda c: c.update(hidden_size=-5), "hidden_size must be an integer"),
+        (lambda c: c.update(num_attention_heads=5), "not divisible by num_attention_heads 5"),
+        (lambda c: c.update(layer_norm_eps=None), "layer_norm_eps must be a number between 0 and 1"),
+        (lambda c: c.update(num_hidden_layers=3), "num_hidden_layers is 3 but the weights have 2"),
+        (lambda c: c.update(hidden_size=64, num_attention_heads=4), "hidden_size is 64 but the weights have 32"),
+        (lambda c: c.clear() or c.update(nmers=3) or None, None),
+    ],
+)
+def test_absurd_checkpoint_configs_are_refused_before_any_allocation(tiny_checkpoint, tmp_path, change, message):
+    folder, _ = tiny_checkpoint(3, "base")
+    edited = tmp_path / "ckpt"
+    shutil.copytree(folder, edited)
+    config = json.loads((edited / "config.json").read_text())
+    change(config)
+    (edited / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["build", "--kmer", "3", "--checkpoint", str(edited), "-o", str(tmp_path / "b"), "--precision", "fp32"])
+    assert result.exit_code == 1 and "Traceback" not in result.output and not (tmp_path / "b").exists()
+    if message:
+        assert message in result.output, result.output
+    (edited / "config.json").write_text("[1, 2]")
+    result = CliRunner().invoke(main, ["build", "--kmer", "3", "--checkpoint", str(edited), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "not a JSON object" in result.output

@@ -212,7 +212,7 @@ def test_cli_predict_binary_labels_and_regression_columns(task_bundle, tmp_path)
     header, *rows = [line.split("\t") for line in out.read_text().splitlines()]
     assert header == ["id", "label", "label0"]
     assert all((r[1] == "label0") == (float(r[2]) >= 0.5) and r[1] in ("label0", "not label0") for r in rows)
-    result = CliRunner().invoke(main, ["predict", str(task_bundle(3, "sequence", "regression")), str(tmp_path / "in.tsv"), "-o", str(out)])
+    result = CliRunner().invoke(main, ["predict", str(task_bundle(3, "sequence", "regression")), str(tmp_path / "in.tsv"), "-o", str(out), "--force"])
     assert result.exit_code == 0 and out.read_text().splitlines()[0] == "id\tlabel0\tlabel1"
 
 
