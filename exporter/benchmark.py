@@ -289,6 +289,26 @@ def peak_memory(key: str, bundle_path: str, shape: tuple[int, int], threads: int
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def cold_start(key: str, bundle_path: str, threads: int) -> float:
+    """Seconds for a fresh process to import utr_runtime, load a bundle path (checksums, engine, compile) and embed
+    one 500-nt real 3'UTR stretch: what a command-line call or a new worker pays before its first result."""
+    import subprocess
+    import sys
+
+    if ":" not in key:
+        return float("nan")
+    engine, precision = key.split(":")
+    seq = fixed_length_sequences(1, 500)[0]
+    code = (
+        "import time; start = time.perf_counter()\n"
+        "import utr_runtime\n"
+        f"utr_runtime.load({bundle_path!r}, precision={precision!r}, engine={engine!r}, threads={threads}).embed({seq!r})\n"
+        "print(time.perf_counter() - start)\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
+    return float(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else float("nan")
+
+
 def random_batch(batch: int, length: int, bundle_or_k) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of real k-mer range with <cls>/<eos>, and an all-ones mask (seeded)."""
     if isinstance(bundle_or_k, int):
@@ -502,6 +522,9 @@ def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, dev
         log(f"peak memory of each path alone, one {largest[0]}x{largest[1]} batch in a fresh process")
         result["memory"] = [{"path": p.name, "shape": f"{largest[0]}x{largest[1]}", "peak_rss_mib": peak_memory(key, str(bundle.path), largest, threads, device)}
                             for key, p in zip(keys, paths)]
+        if device == "cpu":
+            log("cold start of each bundle path: import + load + first embed in a fresh process")
+            result["cold_start"] = [{"path": p.name, "seconds": cold_start(key, str(bundle.path), threads)} for key, p in zip(keys, paths) if ":" in key]
     if bundle.has_lm_head and torch and device == "cpu":
         log("fill-mask: one mask in a 500-token window")
         rows = bench_fill_mask(utr_runtime.load(bundle, threads=threads, engine=engines[0]), max(3, repeats))
@@ -563,6 +586,10 @@ def to_markdown(result: dict) -> str:
         lines += ["", "Peak memory, each path alone in a fresh process (Python, NumPy and the engine included):", "",
                   "| path | batch | peak RSS MiB |", "|---|---|---:|"]
         lines += [f"| {r['path']} | {r['shape']} | {r['peak_rss_mib']:,.0f} |" for r in result["memory"]]
+    if result.get("cold_start"):
+        lines += ["", "Cold start, each bundle path in a fresh process: import utr_runtime, load (checksums of the files it opens, "
+                  "engine, compile) and embed one 500-nt sequence:", "", "| path | seconds |", "|---|---:|"]
+        lines += [f"| {r['path']} | {r['seconds']:.2f} |" for r in result["cold_start"]]
     if result.get("fill_mask"):
         lines += ["", "Fill-mask, one masked k-mer in a 500-token window (encoder included):", "",
                   "| path | median ms | p90 ms | vs reference |", "|---|---:|---:|---:|"]

@@ -462,7 +462,7 @@ def fill_mask(bundle, text, top_k, precision, device, engine, as_json) -> None:
 @click.option("--e2e-sequences", type=click.IntRange(0), default=24, show_default=True, help="Real 3'UTRs for the end-to-end run (0: skip).")
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch paths.")
 @click.option("--no-tokenizer", is_flag=True, help="Skip the tokenizer benchmark.")
-@click.option("--no-memory", is_flag=True, help="Skip the per-path peak-memory runs (one fresh process each).")
+@click.option("--no-memory", is_flag=True, help="Skip the fresh-process runs of each path (peak memory, cold start).")
 @click.option("--out", "out_prefix", type=click.Path(path_type=str), help="Write OUT.json and OUT.md (and OUT.png with --plot).")
 @click.option("--plot", is_flag=True, help="Also draw a PNG chart of throughput per path and shape.")
 @_fail_cleanly

@@ -6,7 +6,8 @@
     model.<precision>.onnx
     fixtures.npz       token ids and masks of real sequences with float32 PyTorch reference outputs
 
-Reading a bundle checks the format version and every checksum before anything runs.
+Reading a bundle checks the manifest and format version; every file is checked against its checksum before it
+is opened.
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ class Bundle:
     """A bundle folder whose manifest has been read and whose files have been checked."""
 
     def __init__(self, path: str | os.PathLike, check: bool = True):
+        """Read and check the manifest. With `check`, each file's checksum is checked when it is first opened
+        (`file`), so loading one precision hashes that model and the tokenizer, not the whole bundle;
+        `check_files` checks them all (verify does)."""
         self.path = Path(path)
         self.manifest = _read_manifest(self.path)
-        if check:
-            self.check_files()
+        self.check = check
+        self._checked: set[str] = set()
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, k={self.k}, precisions={self.precisions})"
@@ -95,11 +99,19 @@ class Bundle:
         if name not in self.manifest["files"]:
             raise BundleError(f"{self.path}: {name} is not listed with a checksum in the manifest; it is not opened")
         _regular(path, self.path, name)
+        if self.check:
+            self._check_sum(name, path)
         return path
+
+    def _check_sum(self, name: str, path: Path) -> None:
+        if name not in self._checked:
+            if sha256_file(path) != self.manifest["files"][name]:
+                raise BundleError(f"{self.path}: checksum mismatch for {name} (the file is corrupted or was changed)")
+            self._checked.add(name)
 
     def new_file(self, name: str) -> Path:
         """Where a file of this name lives in the bundle (to write it): the name must stay inside the folder."""
-        if not isinstance(name, str) or name in ("", ".", "..", MANIFEST) or any(c in name for c in "/\\\0") or name != os.path.basename(name):
+        if not _plain_name(name):
             raise BundleError(f"{self.path}: the manifest names a file {name!r}: only plain names inside the bundle are allowed")
         return self.path / name
 
@@ -139,10 +151,14 @@ class Bundle:
 
     def check_files(self) -> None:
         """Every file the manifest lists exists and has its recorded sha256."""
-        for name, expected in self.manifest["files"].items():
-            path = self.file(name)
-            if sha256_file(path) != expected:
-                raise BundleError(f"{self.path}: checksum mismatch for {name} (the file is corrupted or was changed)")
+        for name in self.manifest["files"]:
+            self._check_sum(name, self.file(name))
+
+
+def _plain_name(name) -> bool:
+    """A file name that stays inside the bundle folder: no path separators, no '..', not the manifest itself."""
+    return isinstance(name, str) and name not in ("", ".", "..", MANIFEST) and not any(c in name for c in "/\\\0") \
+        and name == os.path.basename(name)
 
 
 def _regular(path: Path, bundle: Path, name: str) -> None:
@@ -197,6 +213,9 @@ def _check_schema(m: dict, where: Path) -> None:
         fail(f"max_tokens must be an integer from 3 to 65536, not {m['max_tokens']!r}")
     if not isinstance(m["files"], dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in m["files"].items()):
         fail("'files' must map file names to sha256 strings")
+    outside = [name for name in m["files"] if not _plain_name(name)]
+    if outside:
+        fail(f"the manifest names a file {outside[0]!r}: only plain names inside the bundle are allowed")
     if not isinstance(m["models"], dict) or not all(isinstance(v, dict) and isinstance(v.get("file"), str) for v in m["models"].values()):
         fail("'models' must map precisions to objects with a 'file'")
     if not names(m["inputs"]) or not names(m["outputs"]):

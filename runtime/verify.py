@@ -35,6 +35,7 @@ def verify(bundle: Bundle | str | os.PathLike, precisions=None, device: str = "c
     """
     if not isinstance(bundle, Bundle):
         bundle = Bundle(bundle)
+    bundle.check_files()  # every file, opened here or not
     bundle.tokenizer()  # the spec must load, and agree with the model's k
     fixtures = load_fixtures(bundle)
     feeds = {k: v for k, v in fixtures.items() if k in FIXTURE_INPUTS}

@@ -71,8 +71,24 @@ def test_links_fifos_and_unchecked_files_are_never_opened(copy, tmp_path):
         utr_runtime.load(path)
     (path / "model.fp32.onnx").unlink()
     os.mkfifo(path / "model.fp32.onnx")  # opening a fifo would hang: refused before any open
-    with pytest.raises(BundleError, match="model.fp32.onnx is not a regular file"):
-        utr_runtime.Bundle(path)
+    for action in (lambda: utr_runtime.load(path), lambda: utr_runtime.verify(path)):
+        with pytest.raises(BundleError, match="model.fp32.onnx is not a regular file"):
+            action()
+
+
+def test_load_hashes_only_what_it_opens_and_verify_everything(copy):
+    """Cold start: loading fp32 checks the fp32 model and the tokenizer; a corrupted file it does not open is
+    found by verify, and by any load that opens it."""
+    path, manifest = copy
+    data = bytearray((path / "fixtures.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "fixtures.npz").write_bytes(bytes(data))
+    assert utr_runtime.load(path).embed("ACGUAGCUAGGC").shape == (32,)
+    with pytest.raises(BundleError, match="checksum mismatch for fixtures.npz"):
+        utr_runtime.verify(path)
+    (path / "tokenizer.json").write_text((path / "tokenizer.json").read_text() + " ")
+    with pytest.raises(BundleError, match="checksum mismatch for tokenizer.json"):
+        utr_runtime.load(path)
 
 
 def test_tampered_model_without_its_checksum_entry_is_refused(copy):
