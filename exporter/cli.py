@@ -327,10 +327,11 @@ def _stream(input: str, column: str | None, chunk: int, run, writer, check, skip
     from utr_runtime.tokenizer import foreign_letter
 
     skipped: list[tuple[str, str]] = []
+    label = "stdin" if input == "-" else input  # as the readers name it
 
     def judged(name: str, reason: str) -> None:
         if not skip_invalid:
-            raise InputError(f"{input}: record {name!r}: {reason}")
+            raise InputError(f"{label}: record {name!r}: {reason}")
         skipped.append((name, reason))
 
     if input != "-":
@@ -346,12 +347,12 @@ def _stream(input: str, column: str | None, chunk: int, run, writer, check, skip
             except InputError as e:
                 if e.index is None:
                     raise
-                raise InputError(f"{input}: record {names[e.index]!r}: {e.detail}") from None
+                raise InputError(f"{label}: record {names[e.index]!r}: {e.detail}") from None
             writer.write(names, result)
             progress.chunk_done(len(batch), sum(map(len, seqs)))
             unknown += sum(1 for s in seqs if foreign_letter(s))
         if writer.rows == 0:
-            raise InputError(f"{input}: no valid sequences" if skipped else f"{input}: no sequences")
+            raise InputError(f"{label}: no valid sequences" if skipped else f"{label}: no sequences")
     if skipped:
         report = _write_skipped(output, skipped)
         _log(f"skipped {len(skipped)} invalid record(s), listed in {report}")
