@@ -6,7 +6,6 @@ ratios between paths are fair on a noisy machine. Figures are medians (and p90) 
 
 from __future__ import annotations
 
-import copy
 import functools
 import platform
 import statistics
@@ -236,8 +235,6 @@ def bench_predict(bundle, paths: list[Path], threads: int, repeats: int, n: int 
     """predict() on n real 100-nt windows (the fine-tuning data's length), per bundle path, against multimolecule's
     task model of the same architecture and head (random weights: speed does not depend on them) run on the same
     windows in batches of `batch` rows, its tokenizer included as ours is."""
-    import utr_runtime
-
     seqs = evenly_sampled("utrbert_dev_100nt.tsv", n)
     runs = {}
     if _installed("multimolecule") and _installed("torch"):
