@@ -307,3 +307,13 @@ def test_random_init_is_seeded_and_marked_untrained():
     c = checkpoints.from_random_init(3, seed=2, num_hidden_layers=1)
     assert a.weights_sha256() == b.weights_sha256() != c.weights_sha256()
     assert a.trained is False and a.source == {"kind": "random-init", "seed": 1}
+
+
+def test_build_without_the_exporter_extra_says_what_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "onnxscript") else real(name, *a))
+    result = CliRunner().invoke(main, ["build", "--kmer", "3", "--random-init", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "needs the exporter's packages (torch, onnxscript missing): pip install 'utrexport[export]'" in result.output
