@@ -34,6 +34,8 @@ def load(bundle: str | os.PathLike | Bundle, precision: str = "fp32", device: st
     """
     if not isinstance(bundle, Bundle):
         bundle = Bundle(bundle)
+    if precision == "bf16" and device != "cpu":
+        raise UtrError(f"bf16 is a CPU precision here (OpenVINO on CPUs with native bf16); on device {device!r} use fp16")
     if device == "tensorrt":
         from .engines.tensorrt import open_engine_runner
 

@@ -73,6 +73,8 @@ def test_bf16_runs_where_the_cpu_has_it_and_is_refused_elsewhere(all_precisions,
         assert cosine(reference.astype(np.float64), model.embed(seqs).astype(np.float64)).min() >= 0.9999
     with pytest.raises(UtrError, match="bf16 inference runs on OpenVINO only"):
         utr_runtime.load(all_precisions, precision="bf16", engine="onnxruntime")
+    with pytest.raises(UtrError, match="bf16 is a CPU precision here .* on device 'cuda' use fp16"):
+        utr_runtime.load(all_precisions, precision="bf16", device="cuda")
     monkeypatch.setattr("utr_runtime.engines.openvino.bf16_supported", lambda: False)
     with pytest.raises(UtrError, match=r"bf16 needs a CPU with native bf16 \(AVX512-BF16 or AMX\); this one has neither"):
         utr_runtime.load(all_precisions, precision="bf16")
