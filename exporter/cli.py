@@ -217,7 +217,8 @@ def verify_command(bundle, precision, device, engines) -> None:
 @click.argument("bundle", type=click.Path(path_type=str))
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True)
 @click.option("--profile", "profiles", multiple=True, metavar="MIN,OPT,MAX",
-              help="Optimization profile as BATCHxTOKENS triples, repeatable [default: 1x8,32x128,128x128 and 1x129,8x512,32x512].")
+              help="Optimization profile as MIN,OPT,MAX BATCHxTOKENS, min batch 1, repeatable [default: 1x1,32x128,64x128 and "
+                   "1x129,8x512,64x512]. Larger batches run in row slices.")
 @_fail_cleanly
 def engine(bundle, precision, profiles) -> None:
     """Build a TensorRT engine from the bundle's ONNX model of one precision (needs a GPU and TensorRT 10.14+)."""

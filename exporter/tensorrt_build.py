@@ -19,8 +19,11 @@ from utr_runtime.errors import UtrError
 
 from .tensorrt_check import check_model
 
-# (batch, tokens) ranges: short windows in large batches, long windows in smaller ones.
-DEFAULT_PROFILES = (((1, 8), (32, 128), (128, 128)), ((1, 129), (8, 512), (32, 512)))
+# (batch, tokens) ranges covering every length from 1 token to 512 with up to 64 rows (embed's default batch_size):
+# short windows tuned for large batches, long ones for smaller. The runner runs a larger batch in row slices, so
+# every batch the runtime plans fits (plan_profile_runs).
+DEFAULT_PROFILES = (((1, 1), (32, 128), (64, 128)), ((1, 129), (8, 512), (64, 512)))
+MASK_POSITIONS = 64  # masked positions per row an engine of an MLM bundle takes
 TIMING_CACHE = "tensorrt.timing-cache"
 
 
@@ -39,6 +42,14 @@ def parse_profile(text: str) -> tuple[tuple[int, int], ...]:
     return shapes
 
 
+def profile_shapes(profiles, inputs: list[str]) -> list[dict[str, tuple]]:
+    """Each (batch, tokens) profile as per-input (min, opt, max) shapes; mask_positions is (batch, positions)."""
+    return [
+        {name: ((lo[0], 1), (opt[0], 1), (hi[0], MASK_POSITIONS)) if name == "mask_positions" else (lo, opt, hi) for name in inputs}
+        for lo, opt, hi in profiles
+    ]
+
+
 def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=print) -> Path:
     """Build, write and record `engine.<precision>.plan`; returns its path."""
     bundle = Bundle(bundle_path)
@@ -49,6 +60,8 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
     for profile in profiles:
         if profile[2][1] > bundle.max_tokens:
             raise EngineError(f"profile max {profile[2][1]} tokens exceeds the model's {bundle.max_tokens}")
+        if profile[0][0] != 1:
+            raise EngineError(f"profile min batch must be 1 (the runner runs any batch in row slices), got {profile[0][0]}")
     trt = import_tensorrt()
     device = cuda_device()
 
@@ -67,15 +80,14 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
     config = builder.create_builder_config()
     cache_file = bundle.new_file(TIMING_CACHE)
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    for lo, opt, hi in profiles:
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # made on another GPU or TensorRT version
+        log("the timing cache is from another GPU or TensorRT version: starting a new one")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    for shapes in profile_shapes(profiles, inputs):
         profile = builder.create_optimization_profile()
-        for i in range(network.num_inputs):
-            name = network.get_input(i).name
-            if name == "mask_positions":  # (batch, positions): up to 64 masks a row
-                profile.set_shape(name, (lo[0], 1), (opt[0], 1), (hi[0], 64))
-            else:
-                profile.set_shape(name, lo, opt, hi)
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
 
     log(f"building the {precision} engine for {device['name']} (compute capability {device['compute_capability']}); this takes minutes")
@@ -87,7 +99,6 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
 
     engine_name = f"engine.{precision}.plan"
     _write_atomic(bundle.new_file(engine_name), bytes(serialized))
-    _write_atomic(cache_file, bytes(config.get_timing_cache().serialize()))
     manifest = bundle.manifest
     manifest.setdefault("engines", {})[precision] = {
         "file": engine_name, "precision": precision, "onnx": onnx_file.name, "tensorrt": trt.__version__,
@@ -95,7 +106,10 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
         "profiles": [[list(s) for s in p] for p in profiles], "build_seconds": round(seconds, 1), "timing_cache": TIMING_CACHE,
     }
     manifest["files"][engine_name] = sha256_file(bundle.new_file(engine_name))
-    write_manifest(bundle.path, manifest)
+    write_manifest(bundle.path, manifest)  # the engine is recorded before anything else can fail
+    timing = config.get_timing_cache()
+    if timing is not None:
+        _write_atomic(cache_file, bytes(timing.serialize()))
     log(f"engine written to {bundle.new_file(engine_name)} in {seconds:.0f} s")
     return bundle.new_file(engine_name)
 

@@ -116,3 +116,61 @@ def test_engine_builds_verifies_and_embeds_on_the_gpu(all_precisions, tmp_path, 
     assert rows and all(r["passed"] for r in rows)
     model = utr_runtime.load(bundle_dir, precision=precision, device="tensorrt")
     assert model.embed(["ACGUAGCUAGGCAUUAGC" * 40]).shape == (1, 768)
+
+
+# ------------------------------------------------------------------------------------------------ without a GPU
+from utr_runtime.engines.tensorrt import numpy_dtype, plan_profile_runs  # noqa: E402
+from utr_runtime.windows import plan_batches  # noqa: E402
+from utrexport.tensorrt_build import DEFAULT_PROFILES, profile_shapes  # noqa: E402
+
+
+@pytest.mark.parametrize("batch_size, budget", [(64, 8192), (256, 65536), (1, 512)])
+@pytest.mark.parametrize("inputs", [["input_ids", "attention_mask"], ["input_ids", "attention_mask", "mask_positions"]])
+def test_default_profiles_take_every_batch_the_runtime_plans(batch_size, budget, inputs):
+    """Every window length from 1 to 512 tokens, in batches as plan_batches makes them for these settings, runs on
+    the default profiles: the right profile, in row slices the profile takes, covering every row once."""
+    profiles = profile_shapes(DEFAULT_PROFILES, inputs)
+    for length in range(1, 513):
+        for batch in plan_batches([length] * batch_size, budget, batch_size):
+            shapes = {"input_ids": (len(batch), length), "attention_mask": (len(batch), length)}
+            if "mask_positions" in inputs:
+                shapes["mask_positions"] = (len(batch), 1)
+            index, slices = plan_profile_runs(profiles, shapes)
+            rows = [r for s in slices for r in range(len(batch))[s]]
+            assert rows == list(range(len(batch)))
+            assert all(s.stop - s.start <= profiles[index]["input_ids"][2][0] for s in slices)
+            assert profiles[index]["input_ids"][0][1] <= length <= profiles[index]["input_ids"][2][1]
+
+
+def test_uncovered_shapes_are_refused_with_the_fix():
+    profiles = profile_shapes((((1, 8), (4, 64), (8, 128)),), ["input_ids", "attention_mask", "mask_positions"])
+    with pytest.raises(UtrError, match="no optimization profile of this engine covers .* rebuild it with a --profile"):
+        plan_profile_runs(profiles, {"input_ids": (2, 300), "attention_mask": (2, 300), "mask_positions": (2, 1)})
+    with pytest.raises(UtrError, match="no optimization profile"):  # more masked positions than the engine takes
+        plan_profile_runs(profiles, {"input_ids": (2, 64), "attention_mask": (2, 64), "mask_positions": (2, 65)})
+    index, slices = plan_profile_runs(profiles, {"input_ids": (20, 64), "attention_mask": (20, 64), "mask_positions": (20, 3)})
+    assert index == 0 and [(s.start, s.stop) for s in slices] == [(0, 8), (8, 16), (16, 20)]
+
+
+def test_an_old_driver_is_named_as_such(monkeypatch):
+    from utr_runtime.engines import tensorrt as trt_runner
+
+    fake = types.SimpleNamespace(cudaGetDeviceCount=lambda: (35, 0), cudaError_t=types.SimpleNamespace(cudaSuccess=0))
+    monkeypatch.setattr(trt_runner, "_cudart", lambda: fake)
+    with pytest.raises(UtrError, match=r"driver is older than the CUDA of the installed cuda-python \(CUDA error 35\).*tensorrt-cu12"):
+        trt_runner.cuda_device()
+    fake.cudaGetDeviceCount = lambda: (100, 0)  # cudaErrorNoDevice
+    with pytest.raises(UtrError, match="no CUDA GPU is visible"):
+        trt_runner.cuda_device()
+
+
+def test_engine_io_types_numpy_cannot_hold_are_refused():
+    def nptype(dtype):
+        if dtype == "BF16":
+            raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+        return np.float32
+
+    fake = types.SimpleNamespace(nptype=nptype)
+    assert numpy_dtype(fake, "FLOAT") == np.float32
+    with pytest.raises(UtrError, match="engine I/O of type BF16 is not supported"):
+        numpy_dtype(fake, "BF16")

@@ -10,6 +10,30 @@ import numpy as np
 
 from ..errors import BundleError, UtrError
 
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: the driver is older than cuda-python's CUDA
+
+
+def plan_profile_runs(profiles: list[dict[str, tuple]], shapes: dict[str, tuple]) -> tuple[int, list[slice]]:
+    """Which optimization profile runs a batch, and the row slices to run it in.
+
+    profiles: per profile, {input name: (min shape, opt shape, max shape)}. A profile fits when every non-batch
+    dimension of every input lies in its range; of those, the one taking the most rows wins, and a batch with more
+    rows than it takes runs in slices of at most that many. So any batch the runtime plans runs, whatever its
+    batch_size and token budget, as long as some profile covers its lengths.
+    """
+    fitting = []
+    for index, profile in enumerate(profiles):
+        if all(all(lo <= n <= hi for lo, n, hi in zip(profile[name][0][1:], shape[1:], profile[name][2][1:])) for name, shape in shapes.items()):
+            fitting.append((min(profile[name][2][0] for name in shapes), -index, index))
+    if not fitting:
+        raise UtrError(f"no optimization profile of this engine covers inputs of shape {shapes}; rebuild it with a --profile that does")
+    rows, _, index = max(fitting)
+    batch = next(iter(shapes.values()))[0]
+    low = max(profiles[index][name][0][0] for name in shapes)
+    if batch < low:
+        raise UtrError(f"the engine's profile for these lengths needs at least {low} rows, got {batch}; rebuild it with a --profile of min batch 1")
+    return index, [slice(start, min(start + rows, batch)) for start in range(0, batch, rows)]
+
 
 def import_tensorrt():
     try:
@@ -35,19 +59,36 @@ def _call(result):
     cudart = _cudart()
     error, *values = result if isinstance(result, tuple) else (result,)
     if error != cudart.cudaError_t.cudaSuccess:
-        raise UtrError(f"CUDA error: {cudart.cudaGetErrorString(error)[1]}")
+        raise UtrError(f"CUDA error: {_error_text(cudart, error)}")
     return values[0] if len(values) == 1 else values
+
+
+def _error_text(cudart, error) -> str:
+    text = cudart.cudaGetErrorString(error)[1]
+    return text.decode() if isinstance(text, bytes) else str(text)
 
 
 def cuda_device(index: int = 0) -> dict:
     """Name and compute capability of a GPU, or a clear error where there is none."""
     cudart = _cudart()
     error, count = cudart.cudaGetDeviceCount()
+    if int(error) == CUDA_ERROR_INSUFFICIENT_DRIVER:
+        raise UtrError("the NVIDIA driver is older than the CUDA of the installed cuda-python (CUDA error 35); install the "
+                       "extra for your driver's CUDA major, e.g. pip install 'utrexport[tensorrt-cu12]', or update the driver")
     if error != cudart.cudaError_t.cudaSuccess or count == 0:
         raise UtrError("no CUDA GPU is visible; TensorRT engines need one")
     props = _call(cudart.cudaGetDeviceProperties(index))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     return {"name": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def numpy_dtype(trt, dtype):
+    """The NumPy type of an engine I/O tensor; bundles' inputs are int64 and outputs float32, so a BF16, FP8 or
+    4-bit I/O tensor (which trt.nptype cannot map) means an engine this runner was not built for."""
+    try:
+        return np.dtype(trt.nptype(dtype))
+    except TypeError:
+        raise UtrError(f"engine I/O of type {dtype} is not supported (bundles take int64 and give float32)") from None
 
 
 def open_engine_runner(bundle, precision: str) -> "TensorRTRunner":
@@ -74,56 +115,72 @@ class TensorRTRunner:
         self.trt, self.cudart = trt, _cudart()
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(engine_file.read_bytes())
-        if self.engine is None:
+        self.plan = self.runtime.deserialize_cuda_engine(engine_file.read_bytes())
+        if self.plan is None:
             raise UtrError(f"{engine_file}: TensorRT could not deserialize the engine")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.context = self.plan.create_execution_context()
+        names = [self.plan.get_tensor_name(i) for i in range(self.plan.num_io_tensors)]
+        self.input_names = [n for n in names if self.plan.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.plan.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes = {n: numpy_dtype(trt, self.plan.get_tensor_dtype(n)) for n in names}
+        self.profiles = [{n: tuple(map(tuple, self.plan.get_tensor_profile_shape(n, p))) for n in self.input_names}
+                         for p in range(self.plan.num_optimization_profiles)]
         self.stream = _call(self.cudart.cudaStreamCreate())
+        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes): grown, never shrunk
         self.profile = None
 
-    def _pick_profile(self, feeds: dict[str, np.ndarray]) -> int:
-        for p in range(self.engine.num_optimization_profiles):
-            fits = True
-            for name in self.input_names:
-                low, _, high = self.engine.get_tensor_profile_shape(name, p)
-                shape = feeds[name].shape
-                fits &= all(lo <= s <= hi for lo, s, hi in zip(low, shape, high))
-            if fits:
-                return p
-        shapes = {n: feeds[n].shape for n in self.input_names}
-        raise UtrError(f"no optimization profile of this engine fits {shapes}; rebuild it with a --profile that covers them")
-
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        trt, cudart = self.trt, self.cudart
-        profile = self._pick_profile(feeds)
+        """Outputs for a batch, run in the row slices the engine's profiles take (see plan_profile_runs)."""
+        profile, slices = plan_profile_runs(self.profiles, {n: np.shape(feeds[n]) for n in self.input_names})
+        parts = [self._run_once({n: feeds[n][rows] for n in self.input_names}, profile) for rows in slices]
+        return {name: np.concatenate([part[name] for part in parts]) for name in self.output_names}
+
+    def _run_once(self, feeds: dict[str, np.ndarray], profile: int) -> dict[str, np.ndarray]:
+        cudart = self.cudart
         if profile != self.profile:
             self.context.set_optimization_profile_async(profile, self.stream)
             self.profile = profile
-        buffers, outputs = [], {}
+        for name in self.input_names:
+            host = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
+            self.context.set_input_shape(name, host.shape)
+            device = self._buffer(name, host.nbytes)
+            _call(cudart.cudaMemcpyAsync(device, host.ctypes.data, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+            self.context.set_tensor_address(name, device)
+        outputs = {}
+        for name in self.output_names:
+            host = np.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name])
+            self.context.set_tensor_address(name, self._buffer(name, host.nbytes))
+            outputs[name] = host
+        if not self.context.execute_async_v3(self.stream):
+            raise UtrError("TensorRT execution failed")
+        for name, host in outputs.items():
+            _call(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name][0], host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+        _call(cudart.cudaStreamSynchronize(self.stream))
+        return {name: host.astype(np.float32, copy=False) for name, host in outputs.items()}
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        """A device buffer of at least nbytes for a tensor, reused across runs and grown when a batch needs more."""
+        pointer, size = self.buffers.get(name, (None, 0))
+        if nbytes > size:
+            if pointer is not None:
+                _call(self.cudart.cudaFree(pointer))
+            size = max(nbytes, 2 * size, 1)
+            pointer = _call(self.cudart.cudaMalloc(size))
+            self.buffers[name] = (pointer, size)
+        return pointer
+
+    def close(self) -> None:
+        """Free the device buffers and the stream (also when the runner is garbage-collected)."""
+        cudart, self.cudart = self.cudart, None
+        if cudart is None:
+            return
+        for pointer, _ in self.buffers.values():
+            cudart.cudaFree(pointer)
+        self.buffers.clear()
+        cudart.cudaStreamDestroy(self.stream)
+
+    def __del__(self):
         try:
-            for name in self.input_names:
-                host = np.ascontiguousarray(feeds[name], dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
-                self.context.set_input_shape(name, host.shape)
-                device = _call(cudart.cudaMallocAsync(host.nbytes, self.stream))
-                buffers.append(device)
-                _call(cudart.cudaMemcpyAsync(device, host.ctypes.data, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
-                self.context.set_tensor_address(name, device)
-            for name in self.output_names:
-                shape = tuple(self.context.get_tensor_shape(name))
-                host = np.empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
-                device = _call(cudart.cudaMallocAsync(max(host.nbytes, 1), self.stream))
-                buffers.append(device)
-                self.context.set_tensor_address(name, device)
-                outputs[name] = (host, device)
-            if not self.context.execute_async_v3(self.stream):
-                raise UtrError("TensorRT execution failed")
-            for host, device in outputs.values():
-                _call(cudart.cudaMemcpyAsync(host.ctypes.data, device, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
-            _call(cudart.cudaStreamSynchronize(self.stream))
-        finally:
-            for device in buffers:
-                cudart.cudaFreeAsync(device, self.stream)
-        return {name: host.astype(np.float32, copy=False) for name, (host, _) in outputs.items()}
+            self.close()
+        except Exception:
+            pass
