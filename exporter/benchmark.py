@@ -408,10 +408,13 @@ def _embed_with_multimolecule(reference, k: int, seqs: list[str], max_batch_toke
         n = max(len(seq) - k + 1, 1)
         pieces += [seq[w.start : w.end + k - 1] for w in split_windows(0, n, 510, 64)]
     per_batch = max(1, max_batch_tokens // 512)
+    where = next(reference.parameters()).device  # the CPU, or the GPU of a --device cuda/tensorrt run
     with torch.inference_mode():
         for first in range(0, len(pieces), per_batch):
             encoded = tokenizer(pieces[first : first + per_batch], padding=True, return_tensors="pt")
-            reference(encoded["input_ids"], attention_mask=encoded["attention_mask"])
+            reference(encoded["input_ids"].to(where), attention_mask=encoded["attention_mask"].to(where))
+        if where.type == "cuda":
+            torch.cuda.synchronize()
 
 
 def _embed_padded_to_max(model, seqs: list[str], max_batch_tokens: int = 8192) -> None:
