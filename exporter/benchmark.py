@@ -158,7 +158,7 @@ def path_keys(bundle, device: str, precisions=None, torch: bool = True, engines=
     models: "<engine>:<precision>" for each engine (every installed one on the CPU) and precision (the bundle's,
     and bf16 on OpenVINO where the CPU has it), or "tensorrt:<precision>" engines.
     """
-    from utr_runtime.verify import _precisions, default_engines
+    from utr_runtime.verify import default_engines, runnable_precisions
 
     keys = []
     if torch and _installed("torch"):
@@ -166,7 +166,7 @@ def path_keys(bundle, device: str, precisions=None, torch: bool = True, engines=
     if device == "tensorrt":
         return keys + [f"tensorrt:{p}" for p in precisions or list(bundle.engines)]
     for engine in engines or default_engines(device):
-        available = _precisions(bundle, engine)
+        available = runnable_precisions(bundle, engine)
         keys += [f"{engine}:{p}" for p in (precisions or available) if p in available]
     return keys
 

@@ -109,8 +109,6 @@ def from_hub(repo_id: str, k: int | None = None, revision: str | None = None, pr
 
 # ---------------------------------------------------------------------------------------------- formats
 def _from_multimolecule(config: dict, state: dict, k: int | None, source: dict, problem_type: str | None = None) -> Checkpoint:
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{source['path']}: config.json is not a JSON object")
     k_file = config.get("nmers")
     if k_file is None:
         raise CheckpointError(f"{source['path']}: config.json has no 'nmers' (is this a 3UTRBERT checkpoint?)")
@@ -266,8 +264,7 @@ SIZE_LIMITS = {  # generous bounds: a config outside them is a wrong or hostile 
     "hidden_size": (1, 16384), "num_hidden_layers": (1, 256), "num_attention_heads": (1, 1024),
     "intermediate_size": (1, 65536), "max_position_embeddings": (3, 65536), "type_vocab_size": (1, 64),
 }
-DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-            "max_position_embeddings": 512, "type_vocab_size": 2}
+DEFAULTS = {key: UtrBertConfig.__dataclass_fields__[key].default for key in SIZE_LIMITS}  # the module's own (BERT-base)
 
 
 def _config_from(config: dict, k: int, pooler: bool, lm_head: bool, task: TaskHead | None = None, state: dict | None = None,

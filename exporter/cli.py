@@ -392,14 +392,14 @@ def _write_skipped(output: str, skipped: list[tuple[str, str]]) -> str:
     import csv
     import io
 
-    from .writers import write_text
+    from .writers import write_atomic
 
     text = io.StringIO()
     table = csv.writer(text, delimiter="\t", lineterminator="\n")
     table.writerow(["id", "reason"])
     table.writerows(skipped)
     report = f"{output}.skipped.tsv"
-    write_text(report, text.getvalue())
+    write_atomic(report, text.getvalue().encode("utf-8"))
     return report
 
 

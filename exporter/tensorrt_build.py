@@ -9,7 +9,6 @@ Engines are tied to the GPU and the TensorRT version that built them; the manife
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from utr_runtime.engines.tensorrt import cuda_device, import_tensorrt
 from utr_runtime.errors import UtrError
 
 from .tensorrt_check import check_model
+from .writers import write_atomic
 
 # (batch, tokens) ranges covering every length from 1 token to 512 with up to 64 rows (embed's default batch_size):
 # short windows tuned for large batches, long ones for smaller. The runner runs a larger batch in row slices, so
@@ -98,7 +98,7 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
     seconds = time.perf_counter() - start
 
     engine_name = f"engine.{precision}.plan"
-    _write_atomic(bundle.new_file(engine_name), bytes(serialized))
+    write_atomic(bundle.new_file(engine_name), bytes(serialized))
     manifest = bundle.manifest
     manifest.setdefault("engines", {})[precision] = {
         "file": engine_name, "precision": precision, "onnx": onnx_file.name, "tensorrt": trt.__version__,
@@ -109,12 +109,6 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
     write_manifest(bundle.path, manifest)  # the engine is recorded before anything else can fail
     timing = config.get_timing_cache()
     if timing is not None:
-        _write_atomic(cache_file, bytes(timing.serialize()))
+        write_atomic(cache_file, bytes(timing.serialize()))
     log(f"engine written to {bundle.new_file(engine_name)} in {seconds:.0f} s")
     return bundle.new_file(engine_name)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -181,11 +181,11 @@ class NumpyWriter(_Atomic):
         super().abort()
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """A small text file, written whole or not at all (the same safe temporary file as every output)."""
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """A file written whole or not at all, through the same safe temporary file as every output."""
     out = _Atomic(Path(path))
     try:
-        out.file.write(text.encode("utf-8"))
+        out.file.write(data)
     except BaseException:
         out.abort()
         raise

@@ -157,18 +157,24 @@ class Model:
         """Why each sequence cannot be run as given, or None: a control character, mostly characters other than
         A, C, G, U, T, N (over half of at least 20: not a sequence), no k-mer (empty, or shorter than k), any such
         character (strict), more than `max_kmers` k-mers (contact maps: one window)."""
+        return self._judged(sequences, strict, max_kmers)[1]
+
+    def _judged(self, sequences: Sequence[str], strict: bool, max_kmers: int | None) -> tuple[list[np.ndarray], list[str | None]]:
+        """Each sequence's token ids and its problem (see `problems`), tokenizing once."""
         for i, seq in enumerate(sequences):
             if not isinstance(seq, str):
                 raise TypeError(f"sequence {i} is {type(seq).__name__}, not str")
+        rows = self.tokenizer.encode_batch(list(sequences))
         found = []
-        for seq, row in zip(sequences, self.tokenizer.encode_batch(list(sequences))):
+        for seq, row in zip(sequences, rows):
             bad = foreign_letter(seq) if strict else None
             n = len(row) - 2
             control = _CONTROL.search(seq)
+            foreign = foreign_fraction(seq) if len(seq) >= 20 else 0.0
             if control:
                 found.append(f"control character {control.group()!r} at position {control.start()}: not a sequence (a binary file?)")
-            elif len(seq) >= 20 and foreign_fraction(seq) > MOST_FOREIGN:
-                found.append(f"{foreign_fraction(seq):.0%} of its characters are not A, C, G, U, T or N: not a nucleotide sequence")
+            elif foreign > MOST_FOREIGN:
+                found.append(f"{foreign:.0%} of its characters are not A, C, G, U, T or N: not a nucleotide sequence")
             elif bad:
                 found.append(f"character {bad[1]!r} at position {bad[0]} is not A, C, G, U, T or N (strict mode)")
             elif n < 1:
@@ -177,13 +183,14 @@ class Model:
                 found.append(f"{n} {self.k}-mers; a contact map covers one window, at most {max_kmers} {self.k}-mers ({max_kmers + self.k - 1} nt)")
             else:
                 found.append(None)
-        return found
+        return rows, found
 
     def _kmers(self, sequences: list[str], strict: bool, max_kmers: int | None = None) -> list[np.ndarray]:
-        for i, problem in enumerate(self.problems(sequences, strict, max_kmers)):
+        rows, problems = self._judged(sequences, strict, max_kmers)
+        for i, problem in enumerate(problems):
             if problem:
                 raise InputError(problem, index=i)
-        return [row[1:-1] for row in self.tokenizer.encode_batch(sequences)]
+        return [row[1:-1] for row in rows]
 
     @property
     def max_kmers(self) -> int | None:

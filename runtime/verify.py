@@ -68,7 +68,7 @@ def _runners(bundle: Bundle, precisions, device: str, threads, engines):
             yield f"{precision}/tensorrt", precision, open_engine_runner(bundle, precision)
         return
     for engine in engines or default_engines(device):
-        for precision in precisions or _precisions(bundle, engine):
+        for precision in precisions or runnable_precisions(bundle, engine):
             if precision == "bf16":
                 yield "bf16", "bf16", open_runner(bundle.model_file("bf16"), device, threads, engine, inference_precision="bf16")
                 continue
@@ -76,7 +76,7 @@ def _runners(bundle: Bundle, precisions, device: str, threads, engines):
                 yield label, precision, open_runner(model_file, device, threads, engine)
 
 
-def _precisions(bundle: Bundle, engine: str) -> list[str]:
+def runnable_precisions(bundle: Bundle, engine: str) -> list[str]:
     """The bundle's precisions, and bf16 on OpenVINO where the CPU runs it natively."""
     if engine == "openvino" and "fp32" in bundle.precisions and "bf16" not in bundle.manifest.get("left_out", {}):
         from .engines.openvino import bf16_supported

@@ -4,7 +4,7 @@ A runner is made from a model file and has `engine`, `input_names`, `output_name
 `run(feeds) -> {name: array}`. The engine's package is imported only when its runner is made.
 
 On the CPU, `engine="auto"` takes OpenVINO where it is installed and ONNX Runtime otherwise: OpenVINO was faster
-for every precision on the x86 CPUs measured (docs/engines.md). CUDA runs ONNX Runtime; TensorRT engines are
+for every precision on the x86 CPU measured (docs/benchmarks.md). CUDA runs ONNX Runtime; TensorRT engines are
 opened by `utr_runtime.load(..., device="tensorrt")`.
 """
 
