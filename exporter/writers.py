@@ -102,6 +102,7 @@ class _Atomic:
             raise UtrError(f"{path.parent}: no such folder for the output")
         self.path = path
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; the output gets what a plain open would give
         self.partial = Path(name)
         self.file = os.fdopen(fd, "w+b")
         self.rows = 0
@@ -179,6 +180,12 @@ class NumpyWriter(_Atomic):
     def abort(self) -> None:
         self.scratch.close()
         super().abort()
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:

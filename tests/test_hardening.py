@@ -276,3 +276,14 @@ def test_absurd_checkpoint_configs_are_refused_before_any_allocation(tiny_checkp
     (edited / "config.json").write_text("[1, 2]")
     result = CliRunner().invoke(main, ["build", "--kmer", "3", "--checkpoint", str(edited), "-o", str(tmp_path / "b")])
     assert result.exit_code == 1 and "not a JSON object" in result.output
+
+
+def test_outputs_get_the_permissions_a_plain_file_would(tiny_bundle, tmp_path):
+    """The safe temporary file (created 0600) must not leave outputs readable by their owner alone: they follow the umask."""
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    (tmp_path / "in.fa").write_text(">a\nACGUAGCUAGGCAU\n")
+    out = tmp_path / "out.npz"
+    result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(tmp_path / "in.fa"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
