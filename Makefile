@@ -20,11 +20,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 build: $(VENV)/.installed
 	$(BIN)/utrexport build --kmer 6 --random-init --seed 0 --output bundles/utrbert-6mer-random --force
 
-test: $(VENV)/.installed
+# The Node.js client's packages (tests/test_contract.py runs it). CUDA=skip: onnxruntime-node would otherwise try to
+# download CUDA libraries at install time.
+NODE_MODULES := clients/node/node_modules/.package-lock.json
+$(NODE_MODULES): clients/node/package.json clients/node/package-lock.json
+	cd clients/node && ONNXRUNTIME_NODE_INSTALL_CUDA=skip npm ci --no-audit --no-fund --loglevel=error
+
+test: $(VENV)/.installed $(NODE_MODULES)
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/tokenizer.py
 
 clean:
-	rm -rf $(VENV) bundles .pytest_cache .hypothesis *.egg-info build dist
+	rm -rf $(VENV) clients/node/node_modules bundles .pytest_cache .hypothesis *.egg-info build dist

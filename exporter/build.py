@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -31,6 +32,8 @@ from .precision import CALIBRATION_METHODS, FP16_SCHEME, INT8_SCHEMES, export_fp
 FIXTURE_SOURCES = ("utrbert_seq_to_extract.fasta", "human_mrna_full_length.fasta")
 FIXTURE_LENGTHS = (512, 450, 384, 300, 200, 128, 64, 24)
 MASKS_PER_ROW = 8
+CONFORMANCE = "conformance.json"
+CONFORMANCE_SOURCE = "utrbert_seq_to_extract.fasta"  # held out: 79, 828 and 1201 nt (one, two and three windows at k=6)
 
 
 class BuildError(UtrError):
@@ -99,6 +102,8 @@ def _build_into(work: Path, checkpoint: Checkpoint, precisions, calibration: Cal
 
     manifest = _manifest(checkpoint, model, models, work)
     write_manifest(work, manifest)
+    log("writing conformance vectors (PyTorch, float32)")
+    write_conformance(work, model, manifest)
     log("verifying every precision against the PyTorch reference")
     rows = verify(Bundle(work))
     failed = sorted({r["precision"].split("/")[0] for r in rows if not r["passed"]})
@@ -200,6 +205,40 @@ def make_fixtures(model, tokenizer: KmerTokenizer) -> dict[str, np.ndarray]:
     with torch.no_grad():
         outputs = model(*(torch.from_numpy(feeds[name]) for name in model.input_names))
     return {**feeds, **{name: out.numpy() for name, out in zip(model.output_names, outputs)}}
+
+
+class TorchRunner:
+    """The PyTorch module behind the runtime's runner interface: the runtime's windows and pooling on the reference."""
+
+    engine = "torch"
+
+    def __init__(self, module):
+        self.module = module
+        self.input_names = module.input_names
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            outputs = self.module(*(torch.from_numpy(feeds[name]) for name in self.input_names))
+        return {name: out.numpy() for name, out in zip(self.module.output_names, outputs)}
+
+
+def write_conformance(work: Path, model, manifest: dict) -> None:
+    """conformance.json: the spec's test vectors, with this model's outputs on held-out real sequences."""
+    import warnings
+
+    from utr_runtime.conformance import make_vectors
+    from utr_runtime.model import Model
+
+    seqs = sorted((seq for _, seq in real_sequences(CONFORMANCE_SOURCE)), key=len)
+    short = seqs[0]
+    masked = [short[:30] + "<mask>" + short[30:60], short[:20] + "<mask>" + short[20:40] + "<mask>" + short[40:70]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untrained weights and short pieces: expected here
+        vectors = make_vectors(Model(Bundle(work), TorchRunner(model), "fp32", "cpu"), seqs, masked)
+    (work / CONFORMANCE).write_text(json.dumps(vectors, separators=(",", ":")) + "\n", encoding="utf-8")
+    manifest["conformance"] = CONFORMANCE
+    manifest["files"][CONFORMANCE] = sha256_file(work / CONFORMANCE)
+    write_manifest(work, manifest)
 
 
 def _manifest(checkpoint: Checkpoint, model, models: dict, work: Path) -> dict:

@@ -191,8 +191,9 @@ class LmHead(nn.Module):
         # 2-D linear exports as Gemm(transB=1) reading the embedding table itself; a 3-D one becomes
         # MatMul(x, Transpose(W)), which the exporter folds into a second, transposed copy of the table.
         h = self.transform(x)
+        # The vocabulary size is spelled out, not -1: with no mask positions (B, 0) there is nothing to infer it from.
         logits = F.linear(h.reshape(-1, h.shape[-1]), word_embeddings, self.bias)
-        return logits.reshape(*h.shape[:-1], -1)
+        return logits.reshape(h.shape[0], h.shape[1], word_embeddings.shape[0])
 
 
 class HeadTransform(nn.Module):

@@ -22,7 +22,7 @@ from .errors import BundleError
 from .tokenizer import KmerTokenizer
 
 FORMAT = "utr-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: integer window starts, optional LM positions, conformance.json
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")  # model files a bundle may hold
 # bf16 is no file: the fp32 model run with bf16 inference (OpenVINO, CPUs with native bf16).

@@ -92,7 +92,8 @@ class Model:
             raise InputError("attention_mask must hold 0 and 1 only (integers or booleans)")
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
         if "mask_positions" in self.runner.input_names:
-            positions = np.zeros((len(input_ids), 1), np.int64) if mask_positions is None else np.asarray(mask_positions)
+            # No positions, (B, 0): the LM head then does no work (docs/spec.md, "Model inputs and outputs").
+            positions = np.zeros((len(input_ids), 0), np.int64) if mask_positions is None else np.asarray(mask_positions)
             if (positions.ndim != 2 or len(positions) != len(input_ids) or positions.dtype.kind not in "iu"
                     or positions.min(initial=0) < 0 or positions.max(initial=0) >= input_ids.shape[1]):
                 raise InputError("mask_positions must be a (batch, positions) integer array of indices into each row")

@@ -2,8 +2,8 @@
 
 A sequence of n k-mers longer than a window (max_tokens - 2 k-mers, room for <cls> and <eos>) is cut into the
 fewest windows that share at least `overlap` k-mers with their neighbours, all of the same length, spread
-evenly from the sequence's start to its end. When the
-outputs are put back together, each k-mer is taken from exactly one window: in an overlap, the left window
+evenly from the sequence's start to its end (integer arithmetic only, so that any language reproduces the plan:
+docs/spec.md). When the outputs are put back together, each k-mer is taken from exactly one window: in an overlap, the left window
 keeps the first half and the right window the second, so every k-mer comes from the window in which it sits
 farther from the edge. Each window therefore *owns* a contiguous range of k-mers, and the owned ranges tile
 the sequence.
@@ -14,7 +14,6 @@ Batches: windows are sorted by length (longest first) and packed greedily under 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,10 +42,15 @@ def window_bounds(n: int, window: int, overlap: int) -> list[tuple[int, int]]:
         raise ValueError(f"need window >= 1 and 0 <= overlap < window (got window={window}, overlap={overlap})")
     if n <= window:
         return [(0, n)]
-    count = math.ceil((n - overlap) / (window - overlap))
-    length = math.ceil((n + (count - 1) * overlap) / count)  # <= window; consecutive windows share >= overlap
-    step = (n - length) / (count - 1)
-    return [(round(i * step), round(i * step) + length) for i in range(count)]
+    count = _ceil_div(n - overlap, window - overlap)
+    length = _ceil_div(n + (count - 1) * overlap, count)  # <= window; consecutive windows share >= overlap
+    # Starts rounded down: consecutive starts differ by at most ceil((n - length) / (count - 1)) <= length - overlap.
+    starts = [i * (n - length) // (count - 1) for i in range(count)]
+    return [(s, s + length) for s in starts]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def split_windows(sequence: int, n: int, window: int, overlap: int, extent: int = 0) -> list[Window]:

@@ -91,6 +91,9 @@ def test_windows_tile_the_sequence(n, window, data):
     assert all(w.start <= w.own_start < w.own_end <= w.end for w in windows)
     for left, right in zip(windows, windows[1:]):
         assert left.end - right.start >= overlap
+    assert len({w.length for w in windows}) == 1  # one length: one padded shape per batch of them
+    if len(windows) > 1:  # the fewest: one window fewer could not keep `overlap` shared and still reach n
+        assert (len(windows) - 1) * window - (len(windows) - 2) * overlap < n
 
 
 @given(lengths=st.lists(st.integers(1, 512), min_size=1, max_size=200), budget=st.integers(512, 20000), size=st.integers(1, 64))

@@ -131,6 +131,11 @@ class TensorRTRunner:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs for a batch, run in the row slices the engine's profiles take (see plan_profile_runs)."""
+        positions = feeds.get("mask_positions")
+        if positions is not None and np.shape(positions)[1] == 0:
+            # The profiles start at one mask position (empty dimensions are not relied on): run one, return none.
+            out = self.run({**feeds, "mask_positions": np.zeros((len(positions), 1), np.int64)})
+            return {**out, "logits": out["logits"][:, :0]}
         profile, slices = plan_profile_runs(self.profiles, {n: np.shape(feeds[n]) for n in self.input_names})
         parts = [self._run_once({n: feeds[n][rows] for n in self.input_names}, profile) for rows in slices]
         return {name: np.concatenate([part[name] for part in parts]) for name in self.output_names}

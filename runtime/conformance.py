@@ -1,0 +1,177 @@
+"""Conformance vectors: inputs and expected outputs that let any implementation of docs/spec.md test itself.
+
+Every bundle holds `conformance.json` (written by `utrexport build`): the tokenizer's ids for ordinary and odd
+texts, truncation, strict mode and the sequences `embed` refuses, the window plans of several lengths, and model
+outputs of the bundle itself (pooled embeddings, chosen token rows, fill-mask answers, task predictions) on real
+sequences, short and windowed. The model outputs come from the PyTorch module the bundle was exported from, run
+through this runtime's windows and pooling; a client reproduces them with its own code and engine within `atol`.
+`check(model, vectors)` is the same test for this runtime; clients/node/test has it in JavaScript.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .windows import split_windows
+
+CONFORMANCE_FORMAT = "utr-conformance"
+CONFORMANCE_VERSION = 1
+ATOL = 1e-4  # fp32 engine vs the PyTorch module: the fp32 parity gate
+SCORE_RTOL = 1e-3  # fill-mask scores (softmax of logits within ATOL)
+OVERLAP = 64
+
+TEXTS = [
+    "ACGUAGCUAGCUUAGG",
+    "acgtagctTTagcu",  # lower case, T read as U
+    "ACGNNRYACGUWSKM",  # N is a letter; IUPAC codes make <unk> k-mers
+    "ACG UAG\tCUAGC",  # whitespace is a character like any other: <unk>
+    "ACGUACG<mask>GCAUGCA",  # a special token written in the text splits it
+    "<mask>ACGUACGU<mask><mask>",
+    "AC<mask>GUACGUA",  # a piece shorter than k gives no k-mer
+    "<cls>ACGUACG<eos>",
+    "<MASK>acguacgu<Mask>",  # special tokens are case-sensitive: these are letters
+    "ACGUßACGUAC",  # upper-cased first: 'ß' -> 'SS', two code points
+    "ACGUŉACGUAC",  # 'ŉ' upper-cases to 'ʼN': an N appears
+    "ACG\U0001F600UACGUA",  # one code point outside the BMP (two UTF-16 units in JavaScript)
+    "ÀCGUACGUAC",
+    "AC",
+    "",
+]
+TRUNCATIONS = [("ACGUAGCUAGCUUAGGCAUCCAGUUAGCAUUAGCCAUGGAUUCGA", 12), ("ACGUAGCUAGCU", 1), ("ACGU<mask>AGCUAG<mask>CUAGCU", 5)]
+STRICT = ["ACGUNacgtun", "ACGURACGU", "ACßGUACGU", "ACGU<mask>ACGU", "ACGU ACGU"]
+VALIDITY = ["", "AC", "ACGUACGU\x00ACGU", "ACGU" + "-" * 30, "ACGUACGUACGUACGUACGURRRRRRRRRRR", "XXXXXXXXXXXXXXXXXXXX"]
+WINDOW_LENGTHS = [1, 510, 511, 600, 959, 960, 1020, 1021, 2998, 5000]
+
+
+def make_vectors(model, sequences: list[str], masked: list[str]) -> dict:
+    """The conformance record of `model` (a utr_runtime Model, on any runner) for these real sequences.
+
+    sequences: real sequences, at least one longer than a window; masked: texts with <mask> for fill-mask.
+    """
+    tok, k, window = model.tokenizer, model.k, model.max_tokens - 2
+    vectors = {
+        "format": CONFORMANCE_FORMAT,
+        "version": CONFORMANCE_VERSION,
+        "k": k,
+        "max_tokens": model.max_tokens,
+        "tokenizer": [{"text": t, "input_ids": tok.encode(t).tolist()} for t in TEXTS],
+        "truncation": [{"text": t, "max_length": n, "input_ids": tok(t, truncation=True, max_length=n)["input_ids"]} for t, n in TRUNCATIONS],
+        "strict": [{"text": t, "refused_at": _refused_at(model, t)} for t in STRICT],
+        "validity": [{"text": t, "refused": p is not None, "reason": p} for t, p in zip(VALIDITY, model.problems(VALIDITY))],
+        "windows": [
+            {"kmers": n, "window": window, "overlap": overlap, "extent": extent,
+             "windows": [[w.start, w.end, w.own_start, w.own_end] for w in split_windows(0, n, window, overlap, extent)]}
+            for n in WINDOW_LENGTHS for overlap, extent in ((OVERLAP, 0), (63, 0), (OVERLAP, k - 1))
+        ],
+        "model": _model_vectors(model, sequences, masked),
+    }
+    return vectors
+
+
+def _refused_at(model, text: str):
+    problem = model.problems([text], strict=True)[0]
+    return None if problem is None or "strict" not in problem else int(problem.split(" at position ")[1].split()[0])
+
+
+def _model_vectors(model, sequences: list[str], masked: list[str]) -> dict:
+    window = model.max_tokens - 2
+    n_kmers = [len(s) - model.k + 1 for s in sequences]
+    tokens = model.embed(sequences, pooling="tokens", overlap=OVERLAP)
+    rows = [_chosen_rows(n, window) for n in n_kmers]
+    record = {
+        "precision": "fp32",
+        "atol": ATOL,
+        "overlap": OVERLAP,
+        "sequences": sequences,
+        "mean": _floats(model.embed(sequences, pooling="mean", overlap=OVERLAP)),
+        "cls": _floats(model.embed(sequences, pooling="cls", overlap=OVERLAP)),
+        "truncated_mean": _floats(model.embed(sequences, pooling="mean", truncation=True)),
+        "token_rows": [{"rows": r, "vectors": _floats(t[r])} for r, t in zip(rows, tokens)],
+    }
+    if "logits" in model.bundle.output_names:
+        record["fill_mask"] = {"score_rtol": SCORE_RTOL, "top_k": 5,
+                               "cases": [{"text": t, "answers": _as_lists(model.fill_mask(t, top_k=5))} for t in masked]}
+    if model.task:
+        record["predict"] = _task_vectors(model, sequences)
+    return record
+
+
+def _task_vectors(model, sequences: list[str]) -> dict:
+    level = model.task["level"]
+    if level == "contact":
+        fits = [s for s in sequences if len(s) - model.k + 1 <= model.max_tokens - 2][:2]
+        return {"level": level, "sequences": fits, "values": [_floats(v) for v in model.predict(fits)]}
+    if level == "nucleotide":
+        out = model.predict(sequences, overlap=OVERLAP)
+        rows = [_chosen_rows(len(s), model.max_tokens - 2 + model.k - 1) for s in sequences]
+        return {"level": level, "sequences": sequences, "rows": rows, "values": [_floats(v[r]) for v, r in zip(out, rows)]}
+    return {"level": level, "sequences": sequences, "aggregate": "mean", "values": _floats(model.predict(sequences, overlap=OVERLAP))}
+
+
+def _chosen_rows(n: int, window: int) -> list[int]:
+    """First and last rows, and the rows on both sides of every change of owning window."""
+    cuts = [w.own_start for w in split_windows(0, n, window, OVERLAP)[1:]] if n > window else []
+    return sorted({0, n - 1, *(c - 1 for c in cuts), *cuts})
+
+
+def _floats(array) -> list:
+    """Nested lists of floats at float32 precision (9 significant digits round-trip a float32)."""
+    return np.vectorize(lambda v: float(f"{v:.9g}"), otypes=[object])(np.asarray(array, np.float32)).tolist()
+
+
+def _as_lists(answers):
+    return answers if isinstance(answers[0], list) else [answers]
+
+
+def check(model, vectors: dict) -> list[str]:
+    """What `model` (this runtime, the bundle's fp32 model) gets wrong against the vectors; [] when it conforms."""
+    tok, failures = model.tokenizer, []
+
+    def expect(ok: bool, what: str):
+        if not ok:
+            failures.append(what)
+
+    for case in vectors["tokenizer"]:
+        expect(tok.encode(case["text"]).tolist() == case["input_ids"], f"tokenizer: {case['text']!r}")
+    for case in vectors["truncation"]:
+        got = tok(case["text"], truncation=True, max_length=case["max_length"])["input_ids"]
+        expect(got == case["input_ids"], f"truncation: {case['text']!r} to {case['max_length']}")
+    for case in vectors["strict"]:
+        expect(_refused_at(model, case["text"]) == case["refused_at"], f"strict: {case['text']!r}")
+    for case, problem in zip(vectors["validity"], model.problems([c["text"] for c in vectors["validity"]])):
+        expect((problem is not None) == case["refused"], f"validity: {case['text']!r}")
+    for case in vectors["windows"]:
+        got = [[w.start, w.end, w.own_start, w.own_end] for w in split_windows(0, case["kmers"], case["window"], case["overlap"], case["extent"])]
+        expect(got == case["windows"], f"windows: {case['kmers']} k-mers, overlap {case['overlap']}, extent {case['extent']}")
+    m = vectors["model"]
+    seqs, atol = m["sequences"], m["atol"]
+    close = lambda a, b: np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=0, atol=atol)  # noqa: E731
+    expect(close(model.embed(seqs, overlap=m["overlap"]), m["mean"]), "embed mean")
+    expect(close(model.embed(seqs, pooling="cls", overlap=m["overlap"]), m["cls"]), "embed cls")
+    expect(close(model.embed(seqs, truncation=True), m["truncated_mean"]), "embed mean, truncation")
+    for i, (t, case) in enumerate(zip(model.embed(seqs, pooling="tokens", overlap=m["overlap"]), m["token_rows"])):
+        expect(close(t[case["rows"]], case["vectors"]), f"embed tokens of sequence {i}")
+    for case in m.get("fill_mask", {}).get("cases", []):
+        expect(fill_mask_agrees(_as_lists(model.fill_mask(case["text"], top_k=m["fill_mask"]["top_k"])), case["answers"], m["fill_mask"]["score_rtol"]),
+               f"fill-mask: {case['text']!r}")
+    if "predict" in m:
+        p = m["predict"]
+        got = model.predict(p["sequences"], overlap=m["overlap"]) if p["level"] != "contact" else model.predict(p["sequences"])
+        if p["level"] == "nucleotide":
+            got = [g[r] for g, r in zip(got, p["rows"])]
+        expect(all(close(g, v) for g, v in zip(got, p["values"])) if p["level"] != "sequence" else close(got, p["values"]), "predict")
+    return failures
+
+
+def fill_mask_agrees(got: list[list[dict]], expected: list[list[dict]], rtol: float) -> bool:
+    """Scores within rtol, in order; each token the same unless its score ties another's within 2 rtol (or is last)."""
+    for answer, reference in zip(got, expected, strict=True):
+        scores = np.array([r["score"] for r in reference])
+        if not np.allclose([a["score"] for a in answer], scores, rtol=rtol, atol=0):
+            return False
+        for i, (a, r) in enumerate(zip(answer, reference)):
+            tied = np.isclose(scores[i], np.delete(scores, i), rtol=2 * rtol, atol=0).any()
+            last = i == len(reference) - 1  # it may tie with the next answer, which the vectors do not hold
+            if not (tied or last) and (a["token"], a["sequence"]) != (r["token"], r["sequence"]):
+                return False
+    return True
