@@ -247,6 +247,9 @@ def _model_options(fn):
         click.option("--chunk", type=click.IntRange(1), default=512, show_default=True, help="Sequences read, run and written at a time."),
         click.option("--threads", type=click.IntRange(1), help="Engine threads [default: all cores]."),
         click.option("--force", is_flag=True, help="Replace an existing OUTPUT (never the input)."),
+        click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                     help="Run on a Ray cluster: join the one at ADDRESS (or 'auto'), or start a local Ray without one. Needs utrexport[ray]."),
+        click.option("--workers", type=click.IntRange(1), help="With --ray: model actors [default: the cluster's CPUs // --threads, or its GPUs]."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -258,24 +261,20 @@ def _model_options(fn):
 @click.argument("input", metavar="INPUT", type=str)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str), help="Output file: .npy, .npz (ids + vectors) or .parquet.")
 @click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True)
-@click.option("--truncate", is_flag=True, help="Embed only the first window of long sequences instead of all windows.")
+@click.option("--truncate", is_flag=True, help="Embed only the first 510 k-mers of long sequences instead of all windows.")
 @_model_options
 @_fail_cleanly
 def embed(bundle, input, output, pooling, truncate, precision, device, engine, column, strict, max_length, skip_invalid, overlap,
-          batch_tokens, chunk, threads, force) -> None:
+          batch_tokens, chunk, threads, force, ray_address, workers) -> None:
     """Embed the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin): one vector per sequence."""
     _check_output(output, input, force)
     from .writers import open_writer
 
-    model = _load(bundle, precision=precision, device=device, threads=threads, engine=engine)
-
-    def run(seqs, progress):
-        return model.embed(seqs, pooling=pooling, max_batch_tokens=batch_tokens, overlap=overlap, truncation=truncate, strict=strict,
-                           progress=progress)
-
-    with open_writer(output, model.hidden_size) as writer:
-        _stream(input, column, chunk, run, writer, lambda seqs: model.problems(seqs, strict), skip_invalid, output, max_length)
-    click.echo(f"{writer.rows} embeddings ({model.hidden_size}-d, {pooling} pooling) written to {output}")
+    runner = _Runner(bundle, "embed", dict(pooling=pooling, max_batch_tokens=batch_tokens, overlap=overlap, truncation=truncate, strict=strict),
+                     dict(precision=precision, device=device, threads=threads, engine=engine), ray_address, workers, input)
+    with open_writer(output, runner.hidden_size) as writer:
+        _stream(input, column, chunk, runner, writer, skip_invalid, output, max_length)
+    click.echo(f"{writer.rows} embeddings ({runner.hidden_size}-d, {pooling} pooling) written to {output}")
 
 
 @main.command()
@@ -289,43 +288,116 @@ def embed(bundle, input, output, pooling, truncate, precision, device, engine, c
 @_model_options
 @_fail_cleanly
 def predict(bundle, input, output, logits, aggregate, precision, device, engine, column, strict, max_length, skip_invalid, overlap,
-            batch_tokens, chunk, threads, force) -> None:
+            batch_tokens, chunk, threads, force, ray_address, workers) -> None:
     """Run a fine-tuned bundle's task head on the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin)."""
     _check_output(output, input, force)
-    from utr_runtime.model import NO_TASK
-    from utr_runtime.parity import task_outputs
-
     from .writers import open_prediction_writer
 
-    model = _load(bundle, precision=precision, device=device, threads=threads, engine=engine)
-    task = model.task
-    if task is None:
-        raise CommandError(f"{bundle}: {NO_TASK}")
-
-    def run(seqs, progress):
-        values = model.predict(seqs, logits=logits, aggregate=aggregate, max_batch_tokens=batch_tokens, overlap=overlap, strict=strict,
-                               progress=progress)
-        if task["level"] != "sequence":
-            return values
-        return values, task_outputs(task["problem_type"], values) if logits else values
-
+    runner = _Runner(bundle, "predict", dict(logits=logits, aggregate=aggregate, max_batch_tokens=batch_tokens, overlap=overlap, strict=strict),
+                     dict(precision=precision, device=device, threads=threads, engine=engine), ray_address, workers, input)
+    task = runner.task
     with open_prediction_writer(output, task) as writer:
-        _stream(input, column, chunk, run, writer, lambda seqs: model.problems(seqs, strict, model.max_kmers), skip_invalid, output,
-                max_length)
+        _stream(input, column, chunk, runner, writer, skip_invalid, output, max_length)
     what = "raw outputs" if logits else ("values" if task["problem_type"] == "regression" else "probabilities")
     click.echo(f"{task['level']}-level {what} of {writer.rows} sequences ({', '.join(task['labels'])}) written to {output}")
 
 
-def _stream(input: str, column: str | None, chunk: int, run, writer, check, skip_invalid: bool, output: str, max_length: int) -> None:
-    """Read INPUT `chunk` records at a time, `run` them and write the results, reporting progress per batch.
+class _Runner:
+    """embed or predict on chunks of sequences: in this process, or on a Ray cluster (--ray; utrexport.distributed).
+
+    On a cluster this process loads no engine: it reads the bundle (for the tokenizer, to judge records, and the
+    output's shape) and each actor loads the model."""
+
+    def __init__(self, bundle: str, operation: str, options: dict, load_options: dict, ray_address: str | None, workers: int | None, input: str):
+        from utr_runtime.model import NO_TASK
+
+        self.operation, self.options, self.load_options = operation, options, load_options
+        self.ray_address, self.workers = ray_address, workers
+        if ray_address is None:
+            self.model = _load(bundle, **load_options)
+            self.bundle = self.model.bundle
+        else:
+            self.bundle = self._start_ray(bundle, input)
+        self.task = self.bundle.task
+        if operation == "predict" and self.task is None:
+            raise CommandError(f"{bundle}: {NO_TASK}")
+        self.tokenizer = self.bundle.tokenizer()
+        self.hidden_size = int(self.bundle.manifest["model"]["config"]["hidden_size"])
+        contact = self.task is not None and self.task["level"] == "contact" and operation == "predict"
+        self.max_kmers = self.bundle.max_tokens - 2 if contact else None
+
+    def _start_ray(self, bundle: str, input: str):
+        import importlib.util
+
+        import utr_runtime
+
+        if importlib.util.find_spec("ray") is None:
+            raise CommandError("--ray needs Ray: pip install 'utrexport[ray]'")
+        if input == "-":
+            raise CommandError("--ray reads a file (the cluster's reader cannot read this terminal's stdin); write the sequences to a file")
+        if self.load_options["device"] == "tensorrt":
+            raise CommandError("--ray with --device tensorrt is not supported yet: TensorRT engines are built per GPU; use --device cuda")
+        opened = utr_runtime.Bundle(bundle)
+        opened.check_files()  # every file, before any worker starts
+        if not opened.trained:
+            _log(f"warning: {opened.path} holds untrained (random-init) weights: its outputs are for tests and timing, not for analysis")
+        from . import distributed
+
+        distributed.start(None if self.ray_address == "local" else self.ray_address, _log)
+        return opened
+
+    def problems(self, seqs: list[str]) -> list[str | None]:
+        from utr_runtime.model import judge
+
+        return judge(self.tokenizer, seqs, self.options["strict"], self.max_kmers)[1]
+
+    def results(self, input: str, column, chunk: int, max_length: int, judged, skip: bool, progress):
+        """(names, sequences, result for the writer) per chunk of valid records, in input order."""
+        from utr_runtime.errors import InputError
+
+        from .records import valid_chunks
+
+        if self.ray_address is not None:
+            from . import distributed
+
+            for names, seqs, result in distributed.run_file(
+                    self.operation, str(self.bundle.path), input, column=column, chunk=chunk, max_length=max_length, k=self.bundle.k,
+                    strict=self.options["strict"], max_kmers=self.max_kmers, workers=self.workers, threads=self.load_options["threads"] or 1,
+                    load_options={k: v for k, v in self.load_options.items() if k != "threads"}, run_options=self.options):
+                yield names, seqs, self._for_writer(result)
+            return
+        run = getattr(self.model, self.operation)
+        for batch in valid_chunks(input, column, chunk, self.problems, judged, skip, max_length):
+            names, seqs = [n for n, _ in batch], [s for _, s in batch]
+            try:
+                result = run(seqs, progress=progress.advance, **self.options)
+            except InputError as e:
+                if e.index is None:
+                    raise
+                raise InputError(f"{'stdin' if input == '-' else input}: record {names[e.index]!r}: {e.detail}") from None
+            yield names, seqs, self._for_writer(result)
+
+    def _for_writer(self, result):
+        """Sequence-level raw outputs go to the writer with their probabilities (labels are decided on those)."""
+        if self.operation != "predict" or self.task["level"] != "sequence":
+            return result
+        from utr_runtime.parity import task_outputs
+
+        return result, task_outputs(self.task["problem_type"], result) if self.options["logits"] else result
+
+
+def _stream(input: str, column: str | None, chunk: int, runner: _Runner, writer, skip_invalid: bool, output: str, max_length: int) -> None:
+    """Read INPUT `chunk` records at a time, run them and write the results, reporting progress per batch.
 
     Records are judged before any model work: a file is scanned whole first (stdin as it streams), so a bad
-    record near the end of a large input costs seconds, not the run. A bad record (duplicate id, no k-mer, ...:
-    `check`) is an error naming it, or with `skip_invalid` is left out and listed in OUTPUT.skipped.tsv.
-    `run(seqs, progress)` returns what `writer.write` takes. No output is left behind unless the run completes.
+    record near the end of a large input costs seconds, not the run. A bad record (duplicate id, no k-mer, ...)
+    is an error naming it, or with `skip_invalid` is left out and listed in OUTPUT.skipped.tsv. No output is left
+    behind unless the run completes.
     """
     from utr_runtime.errors import InputError
     from utr_runtime.tokenizer import foreign_letter
+
+    from .records import valid_chunks
 
     skipped: list[tuple[str, str]] = []
     label = "stdin" if input == "-" else input  # as the readers name it
@@ -335,22 +407,15 @@ def _stream(input: str, column: str | None, chunk: int, run, writer, check, skip
             raise InputError(f"{label}: record {name!r}: {reason}")
         skipped.append((name, reason))
 
-    if input != "-":
-        for _ in _valid_chunks(input, column, chunk, check, judged, skip_invalid, max_length):
+    if input != "-":  # judged here, once: the run below meets the same records again and skips them silently
+        for _ in valid_chunks(input, column, chunk, runner.problems, judged, skip_invalid, max_length):
             pass
-        skipped.clear()
+        judged = lambda name, reason: None  # noqa: E731
     unknown = 0
     with _Progress(_size_estimate(input)) as progress:
-        for batch in _valid_chunks(input, column, chunk, check, judged, skip_invalid, max_length):
-            names, seqs = [n for n, _ in batch], [s for _, s in batch]
-            try:
-                result = run(seqs, progress.advance)
-            except InputError as e:
-                if e.index is None:
-                    raise
-                raise InputError(f"{label}: record {names[e.index]!r}: {e.detail}") from None
+        for names, seqs, result in runner.results(input, column, chunk, max_length, judged, skip_invalid, progress):
             writer.write(names, result)
-            progress.chunk_done(len(batch), sum(map(len, seqs)))
+            progress.chunk_done(len(names), sum(map(len, seqs)))
             unknown += sum(1 for s in seqs if foreign_letter(s))
         if writer.rows == 0:
             raise InputError(f"{label}: no valid sequences" if skipped else f"{label}: no sequences")
@@ -359,32 +424,6 @@ def _stream(input: str, column: str | None, chunk: int, run, writer, check, skip
         _log(f"skipped {len(skipped)} invalid record(s), listed in {report}")
     if unknown:
         _log(f"note: {unknown} sequences hold characters other than A, C, G, U, T, N; the k-mers holding them were read as <unk> (--strict refuses them)")
-
-
-MAX_ID_LENGTH = 256  # ids are stored whole in every output; a longer "id" is a wrong file or a FASTA header gone awry
-
-
-def _valid_chunks(input: str, column: str | None, chunk: int, check, judged, skip: bool, max_length: int):
-    """Lists of up to `chunk` good (name, sequence) records; each bad one goes to `judged(name, reason)`."""
-    import itertools
-
-    from utr_runtime.sequences import read_sequences
-
-    records, seen = read_sequences(input, column=column, unique=False, max_length=max_length), set()
-    while batch := list(itertools.islice(records, chunk)):
-        good = []
-        for (name, seq), problem in zip(batch, check([s for _, s in batch])):
-            if len(name) > MAX_ID_LENGTH:
-                judged(name[:40] + "...", f"id of {len(name):,} characters; ids are at most {MAX_ID_LENGTH}")
-            elif name in seen:
-                judged(name, f"duplicate sequence id {name!r}" + (" (the first record with it is kept)" if skip else ""))
-            elif problem:
-                judged(name, problem)
-            else:
-                good.append((name, seq))
-            seen.add(name)
-        if good:
-            yield good
 
 
 def _write_skipped(output: str, skipped: list[tuple[str, str]]) -> str:

@@ -161,30 +161,7 @@ class Model:
         return self._judged(sequences, strict, max_kmers)[1]
 
     def _judged(self, sequences: Sequence[str], strict: bool, max_kmers: int | None) -> tuple[list[np.ndarray], list[str | None]]:
-        """Each sequence's token ids and its problem (see `problems`), tokenizing once."""
-        for i, seq in enumerate(sequences):
-            if not isinstance(seq, str):
-                raise TypeError(f"sequence {i} is {type(seq).__name__}, not str")
-        rows = self.tokenizer.encode_batch(list(sequences))
-        found = []
-        for seq, row in zip(sequences, rows):
-            bad = foreign_letter(seq) if strict else None
-            n = len(row) - 2
-            control = _CONTROL.search(seq)
-            foreign = foreign_fraction(seq) if len(seq) >= 20 else 0.0
-            if control:
-                found.append(f"control character {control.group()!r} at position {control.start()}: not a sequence (a binary file?)")
-            elif foreign > MOST_FOREIGN:
-                found.append(f"{foreign:.0%} of its characters are not A, C, G, U, T or N: not a nucleotide sequence")
-            elif bad:
-                found.append(f"character {bad[1]!r} at position {bad[0]} is not A, C, G, U, T or N (strict mode)")
-            elif n < 1:
-                found.append(f"no {self.k}-mer: the sequence is empty or shorter than k={self.k}")
-            elif max_kmers is not None and n > max_kmers:
-                found.append(f"{n} {self.k}-mers; a contact map covers one window, at most {max_kmers} {self.k}-mers ({max_kmers + self.k - 1} nt)")
-            else:
-                found.append(None)
-        return rows, found
+        return judge(self.tokenizer, sequences, strict, max_kmers)
 
     def _kmers(self, sequences: list[str], strict: bool, max_kmers: int | None = None) -> list[np.ndarray]:
         rows, problems = self._judged(sequences, strict, max_kmers)
@@ -331,6 +308,34 @@ class Model:
                 )
             answers.append(row)
         return answers[0] if single else answers
+
+
+def judge(tokenizer, sequences: Sequence[str], strict: bool = False, max_kmers: int | None = None) -> tuple[list[np.ndarray], list[str | None]]:
+    """Each sequence's token ids and why it cannot be run, or None (docs/spec.md section 3), tokenizing once.
+    Needs only the tokenizer: readers that run apart from the model (a cluster's) judge records alike."""
+    for i, seq in enumerate(sequences):
+        if not isinstance(seq, str):
+            raise TypeError(f"sequence {i} is {type(seq).__name__}, not str")
+    rows = tokenizer.encode_batch(list(sequences))
+    found = []
+    for seq, row in zip(sequences, rows):
+        bad = foreign_letter(seq) if strict else None
+        n = len(row) - 2
+        control = _CONTROL.search(seq)
+        foreign = foreign_fraction(seq) if len(seq) >= 20 else 0.0
+        if control:
+            found.append(f"control character {control.group()!r} at position {control.start()}: not a sequence (a binary file?)")
+        elif foreign > MOST_FOREIGN:
+            found.append(f"{foreign:.0%} of its characters are not A, C, G, U, T or N: not a nucleotide sequence")
+        elif bad:
+            found.append(f"character {bad[1]!r} at position {bad[0]} is not A, C, G, U, T or N (strict mode)")
+        elif n < 1:
+            found.append(f"no {tokenizer.k}-mer: the sequence is empty or shorter than k={tokenizer.k}")
+        elif max_kmers is not None and n > max_kmers:
+            found.append(f"{n} {tokenizer.k}-mers; a contact map covers one window, at most {max_kmers} {tokenizer.k}-mers ({max_kmers + tokenizer.k - 1} nt)")
+        else:
+            found.append(None)
+    return rows, found
 
 
 def _stitch(pieces: dict[int, list[tuple[int, np.ndarray]]]) -> list[np.ndarray]:

@@ -1,0 +1,92 @@
+"""embed and predict on a local Ray (--ray): the same answers as one process, with 1 and 2 workers, through a
+killed worker. Each run is a fresh CLI process that starts its own local Ray (a few seconds)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import real_sequences
+
+pytest.importorskip("ray", reason="Ray (the [ray] extra) is not installed")
+import psutil  # noqa: E402  (a dependency of Ray)
+
+ATOL = 1e-5  # one process vs the cluster: the same code on differently padded batches, float rounding only
+CLI = [sys.executable, "-m", "utrexport.cli"]
+
+
+def write_fasta(path, records) -> str:
+    path.write_text("".join(f">{name}\n{seq}\n" for name, seq in records))
+    return str(path)
+
+
+def real_utrs(copies: int = 1) -> list[tuple[str, str]]:
+    """The shipped human 3'UTRs: 36 nt to 10.9 kb, so long ones are cut into many windows."""
+    return [(f"{name}_{c}", seq) for c in range(copies) for name, seq in real_sequences()]
+
+
+def run(*args, timeout=300) -> subprocess.CompletedProcess:
+    done = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_embed_equals_one_process(tiny_bundle, tmp_path, workers):
+    bundle = tiny_bundle(3, "pretraining")
+    records = real_utrs()
+    fasta = write_fasta(tmp_path / "utrs.fa", records[::4] + sorted(records, key=lambda r: -len(r[1]))[:5])
+    run("embed", bundle, fasta, "-o", tmp_path / "local.npz")
+    run("embed", bundle, fasta, "-o", tmp_path / "ray.npz", "--ray", "--workers", workers, "--threads", 1, "--chunk", 16)
+    local, ray = np.load(tmp_path / "local.npz"), np.load(tmp_path / "ray.npz")
+    assert ray["ids"].tolist() == local["ids"].tolist()  # input order, every record once
+    np.testing.assert_allclose(ray["vectors"], local["vectors"], rtol=0, atol=ATOL)
+
+
+def test_ray_predict_nucleotide_level_equals_one_process(task_bundle, tmp_path):
+    bundle = task_bundle(3, "nucleotide", "multiclass")
+    fasta = write_fasta(tmp_path / "utrs.fa", sorted(real_utrs(), key=lambda r: len(r[1]))[::20])
+    run("predict", bundle, fasta, "-o", tmp_path / "local.npz")
+    run("predict", bundle, fasta, "-o", tmp_path / "ray.npz", "--ray", "--threads", 1, "--chunk", 4)
+    local, ray = np.load(tmp_path / "local.npz"), np.load(tmp_path / "ray.npz")
+    assert ray["ids"].tolist() == local["ids"].tolist() and ray["lengths"].tolist() == local["lengths"].tolist()
+    np.testing.assert_allclose(ray["values"], local["values"], rtol=0, atol=ATOL)
+
+
+def test_a_killed_worker_costs_a_retry_not_the_run(tiny_bundle, tmp_path):
+    bundle = tiny_bundle(3, "pretraining")
+    fasta = write_fasta(tmp_path / "utrs.fa", real_utrs(copies=4))
+    run("embed", bundle, fasta, "-o", tmp_path / "local.npz")
+    out = tmp_path / "ray.npz"
+    driver = subprocess.Popen([*CLI, "embed", bundle, fasta, "-o", out, "--ray", "--workers", "2", "--threads", "1", "--chunk", "8"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, busy, running_after = None, 0.0, False
+    deadline = time.monotonic() + 120
+    while victim is None and driver.poll() is None and time.monotonic() < deadline:
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "MapWorker" in " ".join(p.info["cmdline"] or [])]
+        if len(workers) == 2:
+            busy = workers[0].cpu_percent(interval=1.0)  # its model is loaded and running a chunk
+            if busy > 10:
+                victim = workers[0]
+                victim.kill()
+                running_after = driver.poll() is None
+        time.sleep(0.2)
+    stdout, stderr = driver.communicate(timeout=300)
+    assert victim is not None, "no busy Ray worker was found to kill before the run ended"
+    assert running_after, "the run had ended when the worker was killed"
+    assert driver.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    local, ray = np.load(tmp_path / "local.npz"), np.load(out)
+    assert ray["ids"].tolist() == local["ids"].tolist()  # none lost, none twice
+    np.testing.assert_allclose(ray["vectors"], local["vectors"], rtol=0, atol=ATOL)
+
+
+def test_ray_refuses_stdin_clearly(tiny_bundle, tmp_path):
+    done = subprocess.run([*CLI, "embed", tiny_bundle(3, "pretraining"), "-", "-o", tmp_path / "x.npy", "--ray"], input="ACGUACGU\n",
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "--ray reads a file" in done.stderr and not os.path.exists(tmp_path / "x.npy")
