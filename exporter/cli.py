@@ -244,8 +244,9 @@ def _model_options(fn):
                      help="Leave out bad records (duplicate id, no k-mer, --strict characters) and list them in OUTPUT.skipped.tsv."),
         click.option("--overlap", type=click.IntRange(0, 500), default=64, show_default=True, help="k-mers shared by neighbouring windows."),
         click.option("--batch-tokens", type=click.IntRange(512), default=8192, show_default=True, help="Token budget of one batch."),
-        click.option("--chunk", type=click.IntRange(1), default=512, show_default=True, help="Sequences read, run and written at a time."),
-        click.option("--threads", type=click.IntRange(1), help="Engine threads [default: all cores]."),
+        click.option("--chunk", type=click.IntRange(1), help="Sequences read, run and written at a time [default: 512; with --ray, 16: "
+                     "the unit of work an actor takes, small enough to keep every actor busy]."),
+        click.option("--threads", type=click.IntRange(1), help="Engine threads [default: all cores; with --ray, 1 per worker]."),
         click.option("--force", is_flag=True, help="Replace an existing OUTPUT (never the input)."),
         click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
                      help="Run on a Ray cluster: join the one at ADDRESS (or 'auto'), or start a local Ray without one. Needs utrexport[ray]."),
@@ -268,6 +269,7 @@ def embed(bundle, input, output, pooling, truncate, precision, device, engine, c
           batch_tokens, chunk, threads, force, ray_address, workers) -> None:
     """Embed the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin): one vector per sequence."""
     _check_output(output, input, force)
+    chunk = chunk or (16 if ray_address else 512)
     from .writers import open_writer
 
     runner = _Runner(bundle, "embed", dict(pooling=pooling, max_batch_tokens=batch_tokens, overlap=overlap, truncation=truncate, strict=strict),
@@ -291,6 +293,7 @@ def predict(bundle, input, output, logits, aggregate, precision, device, engine,
             batch_tokens, chunk, threads, force, ray_address, workers) -> None:
     """Run a fine-tuned bundle's task head on the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin)."""
     _check_output(output, input, force)
+    chunk = chunk or (16 if ray_address else 512)
     from .writers import open_prediction_writer
 
     runner = _Runner(bundle, "predict", dict(logits=logits, aggregate=aggregate, max_batch_tokens=batch_tokens, overlap=overlap, strict=strict),

@@ -72,6 +72,8 @@ class _ModelActor:
 def _map(ds, bundle: str, operation: str, sequence_column: str, output_column: str, workers, threads: int, chunk: int,
          load_options: dict, run_options: dict):
     gpu = load_options["device"] != "cpu"
+    if not ray.is_initialized():
+        ray.init()  # what Ray Data would do on first use; the pool's default size needs the cluster's resources now
     if workers is None:
         workers = max(1, int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1) // (1 if gpu else threads)))
     load_options = {**load_options, "threads": threads, "bundle": os.path.abspath(bundle)}

@@ -20,7 +20,7 @@ _F = ("FP32", "FP16", "BF16")
 _I = ("INT32", "INT64")
 SUPPORTED_TYPES: dict[str, tuple[str, ...]] = {
     "Add": _F + _I, "Sub": _F + _I, "Mul": _F + _I, "Div": _F + _I, "Equal": _F + _I, "Where": _F + _I + ("BOOL",),
-    "Attention": _F + ("INT8", "FP8", "BOOL"),  # BOOL: the attention mask
+    "Attention": _F + ("BOOL",),  # IAttention takes float Q/K/V only (no INT8/FP8 inputs); BOOL: the mask
     "Cast": _F + _I + ("UINT8", "BOOL"), "Concat": _F + _I + ("BOOL",), "Constant": _F + _I + ("BOOL",),
     "DequantizeLinear": ("INT8", "FP8", "FP4", "INT4"), "QuantizeLinear": _F,
     "Expand": _F + _I + ("BOOL",), "Gather": _F + _I + ("BOOL",), "GatherElements": _F + _I + ("BOOL",),
@@ -31,7 +31,8 @@ SUPPORTED_TYPES: dict[str, tuple[str, ...]] = {
     "ReduceMean": _F + _I, "Not": ("BOOL",), "And": ("BOOL",), "Or": ("BOOL",),
 }
 ONNX_TYPES = {1: "FP32", 10: "FP16", 16: "BF16", 6: "INT32", 7: "INT64", 3: "INT8", 2: "UINT8", 9: "BOOL", 17: "FP8", 23: "FP4", 22: "INT4"}
-ATTENTION_UNSUPPORTED_ATTRIBUTES = ("qk_matmul_output_mode", "softcap")
+# Attributes onnx-tensorrt's Attention importer reads past without applying: a non-default value changes the result.
+ATTENTION_IGNORED_ATTRIBUTES = ("qk_matmul_output_mode", "softcap")
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def check_model(path: str | os.PathLike) -> list[Finding]:
             if name and types.get(name) and types[name] not in allowed:
                 problem(f"input {name!r} is {types[name]}, TensorRT supports {', '.join(allowed)}")
         if node.op_type == "Attention":
-            findings += _check_attention(node, ranks)
+            findings += _check_attention(node, ranks, types)
         elif node.op_type == "LayerNormalization" and any(node.output[1:]):
             problem("only the first output (Y) is supported")
         elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -91,18 +92,35 @@ def check_model(path: str | os.PathLike) -> list[Finding]:
     return findings
 
 
-def _check_attention(node, ranks) -> list[Finding]:
+def _check_attention(node, ranks, types) -> list[Finding]:
+    """onnx-tensorrt's Attention importer (TensorRT 10.14+): 4-D Q/K/V, or 3-D with q_num_heads/kv_num_heads; a mask
+    of rank <= 4 (broadcast), bool or of Q's float type, not together with is_causal; no KV cache."""
     out = []
+
+    def problem(text):
+        out.append(Finding(node.name, "Attention", text))
+
+    attributes = {a.name: a for a in node.attribute}
     if len([i for i in node.input if i]) > 4:
-        out.append(Finding(node.name, "Attention", "past_key/past_value/nonpad_kv_seqlen inputs are unsupported"))
+        problem("past_key/past_value/nonpad_kv_seqlen inputs are unsupported")
     if len([o for o in node.output if o]) > 1:
-        out.append(Finding(node.name, "Attention", "present_key/present_value/qk_matmul_output outputs are unsupported"))
-    for name, role in zip(node.input[:4], ("Q", "K", "V", "attn_mask")):
-        if name and ranks.get(name) not in (None, 4):
-            out.append(Finding(node.name, "Attention", f"{role} must be 4-D, is {ranks[name]}-D"))
-    for attribute in node.attribute:
-        if attribute.name in ATTENTION_UNSUPPORTED_ATTRIBUTES:
-            out.append(Finding(node.name, "Attention", f"attribute {attribute.name} is unsupported"))
+        problem("present_key/present_value/qk_matmul_output outputs are unsupported")
+    heads_given = "q_num_heads" in attributes and "kv_num_heads" in attributes
+    for name, role in zip(node.input[:3], ("Q", "K", "V")):
+        rank = ranks.get(name)
+        if rank is not None and not (rank == 4 or (rank == 3 and heads_given)):
+            problem(f"{role} must be 4-D, or 3-D with q_num_heads and kv_num_heads, is {rank}-D")
+    if len(node.input) > 3 and node.input[3]:
+        mask = node.input[3]
+        if ranks.get(mask) is not None and ranks[mask] > 4:
+            problem(f"attn_mask must have rank <= 4, has {ranks[mask]}")
+        if types.get(mask) not in (None, "BOOL", types.get(node.input[0])):
+            problem(f"a float attn_mask must have Q's type {types.get(node.input[0])}, is {types[mask]}")
+        if "is_causal" in attributes and attributes["is_causal"].i:
+            problem("is_causal together with attn_mask is unsupported")
+    for name in ATTENTION_IGNORED_ATTRIBUTES:
+        if name in attributes and (attributes[name].i or attributes[name].f):
+            problem(f"attribute {name} is ignored by TensorRT's parser: the engine's results would differ")
     return out
 
 
@@ -132,9 +150,13 @@ def _check_qdq(node, constants, consumers) -> list[Finding]:
             problem("activations must be quantized per tensor")
         else:
             weight = constants[node.input[0]]
-            users = consumers.get(node.output[0], [])
-            if any(u.op_type == "MatMul" for u in users) and weight.ndim == 2 and axis % 2 != 1:
-                problem(f"per-channel MatMul weights must be quantized on the output-channel axis 1, not {axis}")
+            for user in consumers.get(node.output[0], []):
+                if weight.ndim != 2 or user.op_type not in ("MatMul", "Gemm") or list(user.input).index(node.output[0]) != 1:
+                    continue
+                trans_b = user.op_type == "Gemm" and any(a.name == "transB" and a.i for a in user.attribute)
+                channels = 0 if trans_b else 1  # B is (K, N), or (N, K) with transB: the output channels are N
+                if axis % 2 != channels:
+                    problem(f"per-channel {user.op_type} weights must be quantized on the output-channel axis {channels}, not {axis}")
             if scale.size != weight.shape[axis]:
                 problem(f"{scale.size} scales for {weight.shape[axis]} channels")
     return out

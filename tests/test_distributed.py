@@ -14,7 +14,7 @@ import pytest
 from conftest import real_sequences
 
 pytest.importorskip("ray", reason="Ray (the [ray] extra) is not installed")
-import psutil  # noqa: E402  (a dependency of Ray)
+import psutil  # noqa: E402
 
 ATOL = 1e-5  # one process vs the cluster: the same code on differently padded batches, float rounding only
 CLI = [sys.executable, "-m", "utrexport.cli"]

@@ -28,8 +28,10 @@ NOT_RUN = {
     "--device tensorrt": "needs an NVIDIA GPU and TensorRT",
     "device='tensorrt'": "needs an NVIDIA GPU and TensorRT",
     "benchmarks/tensorrt_gpu.sh": "needs an NVIDIA GPU and TensorRT",
+    "ray start": "starts a Ray cluster that outlives the command (the local --ray run below starts and stops its own)",
+    "--ray auto": "joins a running Ray cluster",
 }
-LINKED = ("calibration", "tests", "benchmarks", "docs")
+LINKED = ("calibration", "tests", "benchmarks", "docs", "clients")
 
 
 def examples() -> list[tuple[str, str]]:

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import utr_runtime
-from conftest import expected_rows
+from conftest import expected_rows, real_sequences
 from utr_runtime.errors import BundleError, UtrError
 from utrexport.cli import main
 from utrexport.tensorrt_build import EngineError, parse_profile
@@ -44,7 +44,7 @@ def test_readiness_catches_what_the_parser_refuses(all_precisions, tmp_path):
     zero.CopyFrom(onnx.numpy_helper.from_array(np.full(onnx.numpy_helper.to_array(zero).shape, 3, np.int8), zero.name))
     onnx.save(model, tmp_path / "bad.onnx")
     problems = {str(f) for f in check_model(tmp_path / "bad.onnx")}
-    assert any("attribute softcap is unsupported" in p for p in problems)
+    assert any("attribute softcap is ignored by TensorRT's parser" in p for p in problems)
     assert any("NonMaxSuppression" in p and "not in TensorRT's ONNX support matrix" in p for p in problems)
     assert any("zero-point must be 0" in p for p in problems)
 
@@ -174,3 +174,84 @@ def test_engine_io_types_numpy_cannot_hold_are_refused():
     assert numpy_dtype(fake, "FLOAT") == np.float32
     with pytest.raises(UtrError, match="engine I/O of type BF16 is not supported"):
         numpy_dtype(fake, "BF16")
+
+
+def test_runner_on_a_fake_engine_gives_onnx_runtimes_answers(tiny_bundle, task_bundle, monkeypatch, tmp_path):
+    """The TensorRT runner end to end on tests/fake_tensorrt.py (TensorRT's and cudart's documented behaviour, an
+    engine that computes with ONNX Runtime): profile choice, row slices past the profile's 64 rows, an empty
+    mask_positions widened to the profile's one, shapes, bindings and copies; buffers reused and freed."""
+    import json
+
+    from fake_tensorrt import FakeCuda, fake_tensorrt
+    from utr_runtime.engines import tensorrt as trt_runner
+    from utr_runtime.model import Model
+
+    cuda = FakeCuda()
+    monkeypatch.setattr(trt_runner, "import_tensorrt", lambda: fake_tensorrt(cuda))
+    monkeypatch.setattr(trt_runner, "_cudart", lambda: cuda)
+    seqs = [s for _, s in sorted(real_sequences(), key=lambda r: len(r[1]))[::5]]
+    for path in (tiny_bundle(3, "pretraining"), task_bundle(3, "sequence", "multiclass")):
+        bundle = utr_runtime.Bundle(path)
+        engine_file = tmp_path / f"{bundle.path.name}.plan"
+        engine_file.write_text(json.dumps({"onnx": str(bundle.path / "model.fp32.onnx"), "profiles": profile_shapes(DEFAULT_PROFILES, bundle.input_names)}))
+        runner = trt_runner.TensorRTRunner(engine_file)
+        model, reference = Model(bundle, runner, "fp32", "tensorrt"), utr_runtime.load(bundle, engine="onnxruntime")
+        got = model.embed(seqs, batch_size=200, max_batch_tokens=60000)  # batches of up to 200 rows: run in slices of 64
+        np.testing.assert_allclose(got, reference.embed(seqs), rtol=0, atol=1e-5)
+        if model.task:
+            np.testing.assert_allclose(model.predict(seqs), reference.predict(seqs), rtol=0, atol=1e-5)
+        else:
+            text = seqs[0][:30] + "<mask>" + seqs[0][30:60]
+            assert [a["token"] for a in model.fill_mask(text)] == [a["token"] for a in reference.fill_mask(text)]
+        model.embed(seqs[:1])  # one short window: the short-length profile
+        runs = runner.context.runs
+        assert max(r["input_ids"][0] for r in runs) == 64 and {r["input_ids"][1] > 128 for r in runs} == {True, False}
+        assert all(r.get("mask_positions", (0, 1))[1] >= 1 for r in runs)  # the profiles start at one position
+        allocated = cuda.mallocs
+        model.embed(seqs, batch_size=200, max_batch_tokens=60000)
+        assert cuda.mallocs == allocated  # the same batches again: every device buffer reused, none allocated per run
+        with pytest.raises(UtrError, match="TensorRT refused input input_ids of shape"):  # a shape the profile does not take
+            runner._run_once({n: np.zeros((65, 8), np.int64) for n in runner.input_names}, 0)
+        runner.close()
+        assert not cuda.memory and not cuda.streams
+
+
+def _attention_graph(tmp_path, q_shape, q_type=onnx.TensorProto.FLOAT, mask=None, **attributes):
+    """One Attention node on graph inputs Q = K = V of q_shape, with an optional (type, shape) mask."""
+    h = onnx.helper
+    inputs = [h.make_tensor_value_info("q", q_type, q_shape)]
+    names = ["q", "q", "q"]
+    if mask:
+        inputs.append(h.make_tensor_value_info("mask", mask[0], mask[1]))
+        names.append("mask")
+    node = h.make_node("Attention", names, ["y"], name="attention", **attributes)
+    graph = h.make_graph([node], "g", inputs, [h.make_tensor_value_info("y", q_type, None)])
+    path = tmp_path / f"attention{len(list(tmp_path.iterdir()))}.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 23)]), path)
+    return {f.problem for f in check_model(path)}
+
+
+def test_readiness_follows_tensorrts_attention_importer(tmp_path):
+    """What onnx-tensorrt's Attention importer accepts passes; what it refuses, or reads past, is named."""
+    T = onnx.TensorProto
+    assert _attention_graph(tmp_path, [1, 4, 8, 16], mask=(T.BOOL, [1, 8])) == set()  # masks of rank <= 4 are broadcast
+    assert _attention_graph(tmp_path, [1, 8, 64], q_num_heads=4, kv_num_heads=4) == set()  # 3-D with head counts
+    assert any("3-D with q_num_heads" in p for p in _attention_graph(tmp_path, [1, 8, 64]))
+    assert any("INT8" in p for p in _attention_graph(tmp_path, [1, 4, 8, 16], q_type=T.INT8))  # IAttention: float Q/K/V only
+    assert any("Q's type FP32, is FP16" in p for p in _attention_graph(tmp_path, [1, 4, 8, 16], mask=(T.FLOAT16, [1, 1, 8, 8])))
+    assert any("is_causal together with attn_mask" in p for p in _attention_graph(tmp_path, [1, 4, 8, 16], mask=(T.BOOL, [8, 8]), is_causal=1))
+    assert any("qk_matmul_output_mode is ignored" in p for p in _attention_graph(tmp_path, [1, 4, 8, 16], qk_matmul_output_mode=1))
+
+
+@pytest.mark.parametrize("trans_b, axis, ready", [(1, 0, True), (1, 1, False), (0, 1, True), (0, 0, False)])
+def test_per_channel_gemm_weights_follow_trans_b(tmp_path, trans_b, axis, ready):
+    h, T = onnx.helper, onnx.TensorProto
+    weight = np.ones((6, 4) if trans_b else (4, 6), np.int8)
+    initializers = [onnx.numpy_helper.from_array(weight, "w"), onnx.numpy_helper.from_array(np.full(weight.shape[axis], 0.1, np.float32), "s"),
+                    onnx.numpy_helper.from_array(np.zeros(weight.shape[axis], np.int8), "z")]
+    nodes = [h.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], name="dq", axis=axis),
+             h.make_node("Gemm", ["x", "wf"], ["y"], name="gemm", transB=trans_b)]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 4])], [h.make_tensor_value_info("y", T.FLOAT, [2, 6])], initializers)
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 23)]), tmp_path / "gemm.onnx")
+    problems = [f.problem for f in check_model(tmp_path / "gemm.onnx")]
+    assert (problems == []) == ready, problems

@@ -49,6 +49,11 @@ class OpenVinoRunner:
             config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[inference_precision]}
             if threads:
                 config["INFERENCE_NUM_THREADS"] = threads
+                if threads < (os.cpu_count() or 1):
+                    # A share of the machine (one of several workers): OpenVINO pins each process's threads to the same
+                    # first cores, so two 1-thread processes ran on one core at half speed (docs/scaling.md). Unpinned,
+                    # the OS spreads them.
+                    config["ENABLE_CPU_PINNING"] = False
             self.compiled = core.compile_model(model, "CPU", config)
         except Exception as e:
             raise UtrError(f"{model_file}: OpenVINO cannot load it ({str(e).strip().splitlines()[0][:300]})") from None

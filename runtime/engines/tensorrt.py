@@ -147,7 +147,8 @@ class TensorRTRunner:
             self.profile = profile
         for name in self.input_names:
             host = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
-            self.context.set_input_shape(name, host.shape)
+            if not self.context.set_input_shape(name, host.shape):  # False, not an exception, outside the profile
+                raise UtrError(f"TensorRT refused input {name} of shape {host.shape} for optimization profile {profile}")
             device = self._buffer(name, host.nbytes)
             _call(cudart.cudaMemcpyAsync(device, host.ctypes.data, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
             self.context.set_tensor_address(name, device)
