@@ -93,7 +93,7 @@ def test_bundle_manifest_and_verify(tiny_bundle):
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["model"]["k"] == 3 and manifest["model"]["trained"] is True
     assert manifest["model"]["source"]["format"] == "multimolecule"
-    assert set(manifest["files"]) == {"model.fp32.onnx", "tokenizer.json", "fixtures.npz"}
+    assert set(manifest["files"]) == {"model.fp32.onnx", "tokenizer.json", "fixtures.npz", "conformance.json"}
     assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask", "mask_positions"]
     assert [o["name"] for o in manifest["outputs"]] == ["last_hidden_state", "pooler_output", "logits"]
     assert manifest["max_tokens"] == 512 and manifest["models"]["fp32"]["opset"] >= 23
