@@ -76,8 +76,11 @@ def _map(ds, bundle: str, operation: str, sequence_column: str, output_column: s
         ray.init()  # what Ray Data would do on first use; the pool's default size needs the cluster's resources now
     if workers is None:
         workers = max(1, int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1) // (1 if gpu else threads)))
-    load_options = {**load_options, "threads": threads, "bundle": os.path.abspath(bundle)}
-    bundle = load_options.pop("bundle")
+    import utr_runtime
+
+    bundle = os.path.abspath(bundle)
+    utr_runtime.Bundle(bundle)  # a missing or foreign bundle fails here, in one line, not in every actor
+    load_options = {**load_options, "threads": threads}
     return ds.map_batches(
         _ModelActor,
         fn_constructor_args=(bundle, operation, sequence_column, output_column, load_options, run_options),
