@@ -17,9 +17,10 @@ import os
 import platform
 import re
 import subprocess
-import sys
 import venv
 from pathlib import Path
+
+from utrexport.benchmark import describe_machine, machine
 
 PYTHON_PROBE = r"""
 import json, sys
@@ -161,7 +162,7 @@ def main() -> None:
     table = "\n".join([f"| runtime | {' | '.join(f'{p} (`{f}`)' for p, f in files.items())} |", "|---|" + "---|" * len(files), *rows])
     command = "python benchmarks/compatibility.py BUNDLE " + " ".join(
         f"--{name} {' '.join(v)}" for name, v in (("onnxruntime", args.onnxruntime), ("openvino", args.openvino), ("node", args.node)) if v)
-    report = f"Machine: {platform.machine()}, Python {platform.python_version()}, Node {node_version()}.\nCommand: `{command}`\n\n{table}\n"
+    report = f"Machine: {describe_machine(machine())}, Python {platform.python_version()}, Node {node_version()}.\nCommand: `{command}`\n\n{table}\n"
     print(report)
     if args.out:
         args.out.write_text(report)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,21 +23,7 @@ from pathlib import Path
 import psutil
 
 from utr_calibration import real_sequences
-
-
-def cpu() -> dict:
-    flags = set()
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni") if f in flags]
-    return {"model": model, "isa": isa, "cores": psutil.cpu_count(logical=True)}
+from utrexport.benchmark import machine
 
 
 def timed_run(args: list[str]) -> tuple[float, int]:
@@ -113,7 +98,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        report = {"cpu": cpu(), "bundle": args.bundle, "precision": args.precision,
+        report = {"cpu": machine(), "bundle": args.bundle, "precision": args.precision,
                   "throughput": [row for n in args.sequences for row in throughput(args.bundle, args.precision, n, Path(tmp))]}
         report["fit"] = fit(report["throughput"])
         if args.memory_bundle:

@@ -269,7 +269,6 @@ def embed(bundle, input, output, pooling, truncate, precision, device, engine, c
           batch_tokens, chunk, threads, force, ray_address, workers) -> None:
     """Embed the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin): one vector per sequence."""
     _check_output(output, input, force)
-    chunk = chunk or (16 if ray_address else 512)
     from .writers import open_writer
 
     runner = _Runner(bundle, "embed", dict(pooling=pooling, max_batch_tokens=batch_tokens, overlap=overlap, truncation=truncate, strict=strict),
@@ -293,7 +292,6 @@ def predict(bundle, input, output, logits, aggregate, precision, device, engine,
             batch_tokens, chunk, threads, force, ray_address, workers) -> None:
     """Run a fine-tuned bundle's task head on the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin)."""
     _check_output(output, input, force)
-    chunk = chunk or (16 if ray_address else 512)
     from .writers import open_prediction_writer
 
     runner = _Runner(bundle, "predict", dict(logits=logits, aggregate=aggregate, max_batch_tokens=batch_tokens, overlap=overlap, strict=strict),
@@ -389,7 +387,10 @@ class _Runner:
         return result, task_outputs(self.task["problem_type"], result) if self.options["logits"] else result
 
 
-def _stream(input: str, column: str | None, chunk: int, runner: _Runner, writer, skip_invalid: bool, output: str, max_length: int) -> None:
+CHUNK, RAY_CHUNK = 512, 16  # --chunk defaults: on a cluster, the unit of work an actor takes
+
+
+def _stream(input: str, column: str | None, chunk: int | None, runner: _Runner, writer, skip_invalid: bool, output: str, max_length: int) -> None:
     """Read INPUT `chunk` records at a time, run them and write the results, reporting progress per batch.
 
     Records are judged before any model work: a file is scanned whole first (stdin as it streams), so a bad
@@ -402,6 +403,7 @@ def _stream(input: str, column: str | None, chunk: int, runner: _Runner, writer,
 
     from .records import valid_chunks
 
+    chunk = chunk or (RAY_CHUNK if runner.ray_address else CHUNK)
     skipped: list[tuple[str, str]] = []
     label = "stdin" if input == "-" else input  # as the readers name it
 

@@ -158,13 +158,10 @@ class Model:
         """Why each sequence cannot be run as given, or None: a control character, mostly characters other than
         A, C, G, U, T, N (over half of at least 20: not a sequence), no k-mer (empty, or shorter than k), any such
         character (strict), more than `max_kmers` k-mers (contact maps: one window)."""
-        return self._judged(sequences, strict, max_kmers)[1]
-
-    def _judged(self, sequences: Sequence[str], strict: bool, max_kmers: int | None) -> tuple[list[np.ndarray], list[str | None]]:
-        return judge(self.tokenizer, sequences, strict, max_kmers)
+        return judge(self.tokenizer, sequences, strict, max_kmers)[1]
 
     def _kmers(self, sequences: list[str], strict: bool, max_kmers: int | None = None) -> list[np.ndarray]:
-        rows, problems = self._judged(sequences, strict, max_kmers)
+        rows, problems = judge(self.tokenizer, sequences, strict, max_kmers)
         for i, problem in enumerate(problems):
             if problem:
                 raise InputError(problem, index=i)
