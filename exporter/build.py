@@ -24,7 +24,7 @@ from utr_runtime.tokenizer import KmerTokenizer
 from utr_runtime.verify import verify
 
 from .checkpoints import Checkpoint
-from .onnx_export import OPSET, export_onnx
+from .onnx_export import ATTENTION_FORMS, OPSET, export_onnx
 from .precision import CALIBRATION_METHODS, FP16_SCHEME, INT8_SCHEMES, export_fp16, quantize_int8
 
 # Parity fixtures: held-out real sequences (never used for calibration), cut to these token counts so that the
@@ -58,8 +58,10 @@ def build_bundle(
     force: bool = False,
     log: Callable[[str], None] = print,
     calibration: Calibration | None = None,
+    attention: str = "fused",
 ) -> Path:
-    """Write a verified bundle for `checkpoint` at `output`; nothing is left at `output` unless it verifies."""
+    """Write a verified bundle for `checkpoint` at `output`; nothing is left at `output` unless it verifies.
+    attention: the form of every model's attention (onnx_export.ATTENTION_FORMS)."""
     output = Path(output)
     check_output(output, force)
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -68,28 +70,30 @@ def build_bundle(
     calibration = calibration or Calibration()
     if calibration.method not in CALIBRATION_METHODS:
         raise BuildError(f"unknown calibration method {calibration.method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+    if attention not in ATTENTION_FORMS:
+        raise BuildError(f"unknown attention form {attention!r}; choose from {', '.join(ATTENTION_FORMS)}")
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))  # fresh, ours alone
     try:
-        _build_into(work, checkpoint, precisions, calibration, log)
+        _build_into(work, checkpoint, precisions, calibration, attention, log)
         _replace(work, output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return output
 
 
-def _build_into(work: Path, checkpoint: Checkpoint, precisions, calibration: Calibration, log) -> None:
+def _build_into(work: Path, checkpoint: Checkpoint, precisions, calibration: Calibration, attention: str, log) -> None:
     config = checkpoint.config
     model = checkpoint.module()
     tokenizer = KmerTokenizer(config.k)
     tokenizer.save(work / "tokenizer.json")
 
     models = {}
-    log(f"exporting fp32 ONNX ({config.num_hidden_layers} layers, hidden {config.hidden_size}, k={config.k})")
-    models["fp32"] = _timed_export(lambda path: export_onnx(model, path), work / "model.fp32.onnx")
+    log(f"exporting fp32 ONNX ({config.num_hidden_layers} layers, hidden {config.hidden_size}, k={config.k}, {attention} attention)")
+    models["fp32"] = _timed_export(lambda path: export_onnx(model, path, attention), work / "model.fp32.onnx")
     if "fp16" in precisions:
         log("exporting fp16 ONNX")
-        models["fp16"] = {**_timed_export(lambda path: export_fp16(model, path), work / "model.fp16.onnx"), "scheme": FP16_SCHEME}
+        models["fp16"] = {**_timed_export(lambda path: export_fp16(model, path, attention), work / "model.fp16.onnx"), "scheme": FP16_SCHEME}
     if "int8" in precisions:
         models["int8"] = _quantize(work, config.k, calibration, log)
     _record_tensorrt_readiness(work, models)
@@ -100,7 +104,7 @@ def _build_into(work: Path, checkpoint: Checkpoint, precisions, calibration: Cal
     log("computing parity fixtures on held-out real sequences (PyTorch, float32)")
     np.savez(work / "fixtures.npz", **make_fixtures(model, tokenizer))
 
-    manifest = _manifest(checkpoint, model, models, work)
+    manifest = _manifest(checkpoint, model, models, attention, work)
     write_manifest(work, manifest)
     log("writing conformance vectors (PyTorch, float32)")
     write_conformance(work, model, manifest)
@@ -155,12 +159,15 @@ def _figures(row: dict) -> str:
 
 
 def _record_tensorrt_readiness(work: Path, models: dict) -> None:
-    """Whether TensorRT's ONNX parser would take each model (the CPU int8 scheme is not meant to be)."""
-    from .tensorrt_check import check_model
+    """Whether TensorRT's ONNX parser would take each model (the CPU int8 scheme is not meant to be), and from which
+    TensorRT version on."""
+    from .tensorrt_check import check_model, minimum_tensorrt
 
     for entry in [*models.values(), *(v for m in models.values() for v in m.get("variants", {}).values())]:
         findings = check_model(work / entry["file"])
         entry["tensorrt_ready"] = not findings
+        if not findings:
+            entry["tensorrt_min"] = minimum_tensorrt(work / entry["file"])
         if findings:
             entry["tensorrt_findings"] = [str(f) for f in findings[:5]] + ([f"... {len(findings) - 5} more"] if len(findings) > 5 else [])
 
@@ -241,7 +248,7 @@ def write_conformance(work: Path, model, manifest: dict) -> None:
     write_manifest(work, manifest)
 
 
-def _manifest(checkpoint: Checkpoint, model, models: dict, work: Path) -> dict:
+def _manifest(checkpoint: Checkpoint, model, models: dict, attention: str, work: Path) -> dict:
     config = checkpoint.config
     hidden, vocab = config.hidden_size, config.vocab_size
     shapes = {
@@ -275,6 +282,7 @@ def _manifest(checkpoint: Checkpoint, model, models: dict, work: Path) -> dict:
         "inputs": [{"name": n, "dtype": "int64", "shape": shapes[n]} for n in model.input_names],
         "outputs": [{"name": n, "dtype": "float32", "shape": shapes[n]} for n in model.output_names],
         "models": models,
+        "attention": {"form": attention, "meaning": ATTENTION_FORMS[attention]},
         "fixtures": "fixtures.npz",
         "tools": _tool_versions(),
         "files": {name: sha256_file(work / name) for name in files},

@@ -124,6 +124,9 @@ def _check_output(output: str, input: str, force: bool) -> None:
 @click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False, path_type=str), help="INT8 calibration sequences (FASTA/TSV) [default: the shipped human 3'UTRs].")
 @click.option("--calibration-size", type=click.IntRange(4, 4096), default=64, show_default=True, help="Calibration windows.")
 @click.option("--calibration-method", type=click.Choice(["entropy", "percentile", "minmax"]), default="entropy", show_default=True)
+@click.option("--attention", type=click.Choice(["fused", "plain"]), default="fused", show_default=True,
+              help="fused: one ONNX Attention node per layer (TensorRT 10.14+); plain: MatMul/Softmax/MatMul, for "
+                   "TensorRT 10.0-10.13 (e.g. Jetson's 10.3).")
 @click.option("--problem-type", type=click.Choice(["binary", "multiclass", "multilabel", "regression"]),
               help="Problem type of a task head whose checkpoint config does not state one.")
 @click.option("-o", "--output", type=click.Path(path_type=str), help="Bundle folder [default: bundles/utrbert-{K}mer[-random]].")
@@ -131,7 +134,7 @@ def _check_output(output: str, input: str, force: bool) -> None:
 @click.pass_context
 @_fail_cleanly
 def build(ctx, k, checkpoint, hub_id, random_init, seed, layers, precision, calibration_file, calibration_size, calibration_method,
-          problem_type, output, force) -> None:
+          attention, problem_type, output, force) -> None:
     """Export a checkpoint (plain, MLM or fine-tuned task model) to a verified bundle folder.
 
     A precision below its accuracy gate is left out of the bundle with the reason; the exit status is 1 only
@@ -181,7 +184,7 @@ def build(ctx, k, checkpoint, hub_id, random_init, seed, layers, precision, cali
         _log(f"task head: {task.level} level, {task.problem_type}, {task.num_labels} label(s) {ckpt.labels}")
     elif problem_type:
         raise CommandError("--problem-type applies to checkpoints with a task head only")
-    path = build_bundle(ckpt, output, precisions, force=force, log=_log, calibration=calibration)
+    path = build_bundle(ckpt, output, precisions, force=force, log=_log, calibration=calibration, attention=attention)
     manifest = _read_manifest(path)
     _print_parity(manifest.get("parity", []))
     click.echo(f"bundle written to {path}")

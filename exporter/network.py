@@ -4,7 +4,8 @@ Parameter names follow multimolecule's `UtrBertModel` (and its MLM head), so its
 What differs from the reference is only what makes a clean ONNX graph: positions are `arange(L)` (no CumSum),
 the token-type row 0 is added directly, attention is one `scaled_dot_product_attention` call (one ONNX
 `Attention` node) with a boolean mask of shape (B, 1, L, L), and the MLM projection runs only at the
-positions asked for.
+positions asked for. An export may ask for plain attention instead (`SelfAttention.fused = False`: MatMul, Softmax,
+MatMul), the form TensorRT before 10.14 parses.
 
 A fine-tuned checkpoint adds one task head (multimolecule's default heads, same parameter names):
   sequence   `sequence_head` on the pooler output                      -> task_logits (B, num_labels)
@@ -94,6 +95,8 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    fused = True  # False: softmax(q k^T / sqrt(d)) v written out, for engines without ONNX's Attention operator
+
     def __init__(self, c: UtrBertConfig):
         super().__init__()
         self.heads = c.num_attention_heads
@@ -107,7 +110,13 @@ class SelfAttention(nn.Module):
         def heads(t):
             return t.view(b, length, self.heads, hidden // self.heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), attn_mask=mask)
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # q is scaled before the product, as the fused kernels do, so fp16 scores stay in range
+            scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-1, -2))
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            out = torch.matmul(scores.softmax(-1), v)
         return out.transpose(1, 2).reshape(b, length, hidden)
 
 

@@ -1,4 +1,10 @@
-"""PyTorch module -> ONNX (opset 23): one `Attention` node per layer, exact `Gelu`, `LayerNormalization`."""
+"""PyTorch module -> ONNX (opset 23): exact `Gelu`, `LayerNormalization`, and attention in one of two forms.
+
+fused: one ONNX `Attention` node per layer. ONNX Runtime and OpenVINO run it as one kernel; TensorRT's parser
+       reads it from 10.14 on (as IAttention).
+plain: MatMul, Softmax, MatMul per layer: every TensorRT from 10.0 parses it (10.0 brought the `Gelu` operator),
+       and fuses the pattern into its own attention kernels where it can.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +19,13 @@ import torch
 
 from utr_runtime.errors import UtrError
 
-from .network import UtrBert
+from .network import SelfAttention, UtrBert
 
 OPSET = 23
+ATTENTION_FORMS = {
+    "fused": "one ONNX Attention node per layer (TensorRT 10.14+)",
+    "plain": "MatMul, Softmax and MatMul per layer (TensorRT 10.0+, which fuses them itself)",
+}
 FORBIDDEN_OPS = ("CumSum",)  # left-overs of mask/position sub-graphs that the export must not produce
 # Attention attributes written at their defaults that TensorRT's ONNX parser (10.14+) lists as unsupported.
 ATTENTION_DEFAULTS = {"qk_matmul_output_mode": 0, "softcap": 0.0, "is_causal": 0}
@@ -33,16 +43,19 @@ def example_inputs(model: UtrBert, batch: int = 2, length: int = 16) -> tuple[to
     return (ids, mask, *extra)
 
 
-def export_onnx(model: UtrBert, path: str | os.PathLike) -> dict:
+def export_onnx(model: UtrBert, path: str | os.PathLike, attention: str = "fused") -> dict:
     """Export with dynamic batch and sequence (and mask-position count); returns the graph's op counts."""
     import onnx
+
+    if attention not in ATTENTION_FORMS:
+        raise ExportError(f"unknown attention form {attention!r}; choose from {', '.join(ATTENTION_FORMS)}")
 
     batch = torch.export.Dim("batch")
     sequence = torch.export.Dim("sequence", max=model.config.max_position_embeddings)
     shapes = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
     if model.lm_head is not None:
         shapes["mask_positions"] = {0: batch, 1: torch.export.Dim("positions")}
-    with quiet():
+    with quiet(), _attention_form(model, attention):
         program = torch.onnx.export(
             model.eval(),
             example_inputs(model),
@@ -57,12 +70,26 @@ def export_onnx(model: UtrBert, path: str | os.PathLike) -> dict:
         program.save(os.fspath(path))
     graph = onnx.load(os.fspath(path), load_external_data=False).graph
     ops = collections.Counter(node.op_type for node in graph.node)
-    if ops["Attention"] != model.config.num_hidden_layers:
-        raise ExportError(f"expected one Attention node per layer ({model.config.num_hidden_layers}), got {ops['Attention']}")
+    layers = model.config.num_hidden_layers
+    expected = {"Attention": layers, "Softmax": 0} if attention == "fused" else {"Attention": 0, "Softmax": layers}
+    if any(ops[op] != n for op, n in expected.items()):
+        raise ExportError(f"{attention} attention: expected {expected} for {layers} layers, got {({op: ops[op] for op in expected})}")
     leftovers = [op for op in FORBIDDEN_OPS if ops[op]]
     if leftovers:
         raise ExportError(f"exported graph still holds {leftovers}")
     return dict(sorted(ops.items()))
+
+
+@contextlib.contextmanager
+def _attention_form(model: torch.nn.Module, attention: str):
+    layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    for layer in layers:
+        layer.fused = attention == "fused"
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.fused  # back to the class default
 
 
 def _drop_default_attention_attributes(model) -> None:

@@ -44,8 +44,8 @@ class _FloatOutputs(torch.nn.Module):
         return tuple(o.float() for o in self.inner(*args))
 
 
-def export_fp16(model: UtrBert, path: str | os.PathLike) -> dict:
-    return export_onnx(_FloatOutputs(copy.deepcopy(model).half()), path)
+def export_fp16(model: UtrBert, path: str | os.PathLike, attention: str = "fused") -> dict:
+    return export_onnx(_FloatOutputs(copy.deepcopy(model).half()), path, attention)
 
 
 def quantize_int8(fp32_file, out_file, rows: list[np.ndarray], scheme: str, method: str = "entropy") -> None:
@@ -104,7 +104,7 @@ def encoder_matmuls(graph) -> list[str]:
     """Names of the encoder's weight MatMuls: the first 6 per layer in graph order, since every head's MatMul
     (nucleotide unfolding, contact maps, 3-D head projections) consumes the encoder's output and comes later."""
     constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    layers = sum(node.op_type == "Attention" for node in graph.node)
+    layers = sum(node.op_type in ("Attention", "Softmax") for node in graph.node)  # one per layer, in either attention form
     weighted = [node.name for node in graph.node if node.op_type == "MatMul" and any(x in constants for x in node.input)]
     if len(weighted) < MATMULS_PER_LAYER * layers:
         raise ValueError(f"expected {MATMULS_PER_LAYER} weight MatMuls per encoder layer, found {len(weighted)} for {layers} layers")

@@ -3,8 +3,11 @@
 Every node must be an operator, with input types and attributes, that the parser supports, and Q/DQ must
 follow TensorRT's explicit-quantization rules. The table below is TensorRT 10.15's ONNX operator support
 matrix (onnx-tensorrt docs/operators.md), restricted to the operators an exporter graph can contain; an
-operator missing from it is reported, so a graph that grows a new operator is caught here first. `Attention`
-reached the parser in TensorRT 10.14, the oldest version these bundles target.
+operator missing from it is reported, so a graph that grows a new operator is caught here first.
+
+Which TensorRT a ready model needs (`minimum_tensorrt`): the `Attention` operator reached the parser (as
+IAttention) in 10.14; without it (an export with plain attention) the newest operator a model holds is `Gelu`
+(opset 20), which the parser reads from 10.0 on (onnx-tensorrt's operator matrices of 8.6, 9.3, 10.0 and 10.1).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MIN_TENSORRT = "10.14"
+ATTENTION_TENSORRT = "10.14"  # the first parser with the ONNX Attention operator
+PLAIN_TENSORRT = "10.0"  # the first parser with Gelu: what a model without Attention nodes needs
 
 _F = ("FP32", "FP16", "BF16")
 _I = ("INT32", "INT64")
@@ -90,6 +94,14 @@ def check_model(path: str | os.PathLike) -> list[Finding]:
         elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             findings += _check_qdq(node, constants, consumers)
     return findings
+
+
+def minimum_tensorrt(path: str | os.PathLike) -> str:
+    """The oldest TensorRT whose ONNX parser reads a ready model."""
+    import onnx
+
+    graph = onnx.load(os.fspath(path), load_external_data=False).graph
+    return ATTENTION_TENSORRT if any(node.op_type == "Attention" for node in graph.node) else PLAIN_TENSORRT
 
 
 def _check_attention(node, ranks, types) -> list[Finding]:

@@ -59,18 +59,18 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkpoint, tmp_path_factory):
-    """factory(k, kind) -> fp32 bundle folder built from the tiny checkpoint."""
+    """factory(k, kind, attention="fused") -> fp32 bundle folder built from the tiny checkpoint."""
     built = {}
 
-    def make(k: int, kind: str = "pretraining"):
-        if (k, kind) not in built:
+    def make(k: int, kind: str = "pretraining", attention: str = "fused"):
+        if (k, kind, attention) not in built:
             from utrexport import checkpoints
             from utrexport.build import build_bundle
 
             folder, _ = tiny_checkpoint(k, kind)
-            out = tmp_path_factory.mktemp("bundles") / f"b{k}{kind}"
-            built[k, kind] = build_bundle(checkpoints.from_folder(folder, k), out, log=lambda m: None)
-        return built[k, kind]
+            out = tmp_path_factory.mktemp("bundles") / f"b{k}{kind}{attention}"
+            built[k, kind, attention] = build_bundle(checkpoints.from_folder(folder, k), out, log=lambda m: None, attention=attention)
+        return built[k, kind, attention]
 
     return make
 

@@ -76,10 +76,10 @@ def test_module_equals_multimolecule_on_real_padded_batches(tiny_checkpoint, k, 
     assert_close(ours, reference_outputs(reference, batch, positions), batch["attention_mask"], MODULE_ATOL)
 
 
-@pytest.mark.parametrize("k", KMERS)
-def test_bundle_in_onnxruntime_equals_multimolecule(tiny_checkpoint, tiny_bundle, k):
+@pytest.mark.parametrize("k, attention", [(k, "fused") for k in KMERS] + [(3, "plain"), (6, "plain")])
+def test_bundle_in_onnxruntime_equals_multimolecule(tiny_checkpoint, tiny_bundle, k, attention):
     _, reference = tiny_checkpoint(k, "pretraining")
-    bundle = Bundle(tiny_bundle(k, "pretraining"))
+    bundle = Bundle(tiny_bundle(k, "pretraining", attention))
     assert bundle.k == k and bundle.has_lm_head
     runner = open_runner(bundle.model_file("fp32"))
     batch = padded_real_batch(k, n=6, max_tokens=512, source="human_mrna_full_length.fasta")
@@ -105,13 +105,17 @@ def test_bundle_manifest_and_verify(tiny_bundle):
     assert all(r["passed"] for r in verify(path))
 
 
-@pytest.mark.parametrize("k", [3, 6])
-def test_graph_is_clean(tiny_bundle, k):
-    graph = onnx.load(str(Bundle(tiny_bundle(k)).model_file("fp32"))).graph
+@pytest.mark.parametrize("k, attention", [(3, "fused"), (6, "fused"), (6, "plain")])
+def test_graph_is_clean(tiny_bundle, k, attention):
+    bundle = Bundle(tiny_bundle(k, "pretraining", attention))
+    graph = onnx.load(str(bundle.model_file("fp32"))).graph
     ops = collections.Counter(n.op_type for n in graph.node)
-    assert ops["Attention"] == TINY["num_hidden_layers"]
-    assert ops["Gelu"] >= TINY["num_hidden_layers"] and ops["LayerNormalization"] >= 2 * TINY["num_hidden_layers"] + 1
-    assert not ops["CumSum"] and not ops["Softmax"] and not ops["Erf"]
+    layers = TINY["num_hidden_layers"]
+    # fused: one Attention per layer; plain: one Softmax per layer between two activation MatMuls
+    assert (ops["Attention"], ops["Softmax"]) == ((layers, 0) if attention == "fused" else (0, layers))
+    assert bundle.manifest["attention"]["form"] == attention
+    assert ops["Gelu"] >= layers and ops["LayerNormalization"] >= 2 * layers + 1
+    assert not ops["CumSum"] and not ops["Erf"]
     vocab = 5**k + 6
     tables = [i.name for i in graph.initializer if len(i.dims) == 2 and vocab in i.dims]
     assert len(tables) == 1, f"tied word embeddings must be stored once, found {tables}"
