@@ -5,6 +5,12 @@ flags (TensorRT 11 removed the FP16/INT8 flags and calibrators; 10.x still needs
 flag, 11 ignores it). One optimization profile per (min, opt, max) shape range of (batch, tokens); the runtime
 picks the first profile that fits a batch. A timing cache beside the engine makes rebuilds fast.
 Engines are tied to the GPU and the TensorRT version that built them; the manifest records both.
+
+Attention: a bundle exported with fused attention (ONNX `Attention`) becomes IAttention layers, which TensorRT
+makes non-decomposable: where no fused kernel covers them (fp32 Q/K/V, some head sizes), the build would fail. The
+builder marks each one decomposable, so TensorRT falls back to several kernels there and keeps its fused kernel
+everywhere else. A bundle exported with plain attention (MatMul/Softmax/MatMul) has no IAttention at all, and runs
+on TensorRT 10.0+; `tensorrt_check.minimum_tensorrt` says which applies to a model.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from utr_runtime.bundle import Bundle, sha256_file, write_manifest
 from utr_runtime.engines.tensorrt import cuda_device, import_tensorrt
 from utr_runtime.errors import UtrError
 
-from .tensorrt_check import check_model
+from .tensorrt_check import ATTENTION_TENSORRT, check_model, minimum_tensorrt
 from .writers import write_atomic
 
 # (batch, tokens) ranges covering every length from 1 token to 512 with up to 64 rows (embed's default batch_size):
@@ -50,6 +56,34 @@ def profile_shapes(profiles, inputs: list[str]) -> list[dict[str, tuple]]:
     ]
 
 
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def allow_decomposed_attention(trt, network, log=print) -> int:
+    """Mark every IAttention the parser made decomposable; returns how many. TensorRT before 10.14 has none."""
+    attention_input = getattr(getattr(trt, "LayerType", None), "ATTENTION_INPUT", None)
+    if attention_input is None:
+        return 0
+    count = 0
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if layer.type != attention_input:
+            continue
+        try:
+            layer.__class__ = trt.IAttentionInputLayer  # get_layer returns the base ILayer; Polygraphy casts the same way
+            layer.attention.decomposable = True
+        except (AttributeError, TypeError) as e:
+            log(f"warning: could not mark attention {layer.name!r} decomposable ({e}); if the build finds no fused kernel for "
+                "it, rebuild the bundle with: utrexport build --attention plain")
+            continue
+        count += 1
+    if count:
+        log(f"{count} attention layers may fall back to unfused kernels where no fused kernel covers them")
+    return count
+
+
 def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=print) -> Path:
     """Build, write and record `engine.<precision>.plan`; returns its path."""
     bundle = Bundle(bundle_path)
@@ -63,6 +97,11 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
         if profile[0][0] != 1:
             raise EngineError(f"profile min batch must be 1 (the runner runs any batch in row slices), got {profile[0][0]}")
     trt = import_tensorrt()
+    needed = minimum_tensorrt(onnx_file)
+    if _version(trt.__version__) < _version(needed):
+        fix = ("its attention is ONNX Attention nodes; rebuild the bundle with: utrexport build --attention plain"
+               if needed == ATTENTION_TENSORRT else "use a newer TensorRT")
+        raise EngineError(f"{onnx_file.name} needs TensorRT {needed} or newer, this is {trt.__version__}: {fix}")
     device = cuda_device()
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -76,6 +115,7 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
     if not parser.parse_from_file(str(onnx_file)):
         errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
         raise EngineError(f"TensorRT could not parse {onnx_file.name}: {errors}")
+    decomposable = allow_decomposed_attention(trt, network, log)
 
     config = builder.create_builder_config()
     cache_file = bundle.new_file(TIMING_CACHE)
@@ -104,6 +144,7 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
         "file": engine_name, "precision": precision, "onnx": onnx_file.name, "tensorrt": trt.__version__,
         "gpu": device["name"], "compute_capability": device["compute_capability"],
         "profiles": [[list(s) for s in p] for p in profiles], "build_seconds": round(seconds, 1), "timing_cache": TIMING_CACHE,
+        "decomposable_attention_layers": decomposable,
     }
     manifest["files"][engine_name] = sha256_file(bundle.new_file(engine_name))
     write_manifest(bundle.path, manifest)  # the engine is recorded before anything else can fail

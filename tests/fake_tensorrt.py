@@ -1,10 +1,15 @@
-"""A stand-in for TensorRT's and cuda-python's Python APIs, as far as the runtime's runner uses them, that follows
-their documented behaviour (TensorRT 10.14+ / 11, cuda-python 12.6+): `(error, value)` tuples from cudart, bool
-returns from set_input_shape and execute_async_v3, profile shapes as (min, opt, max), device memory addressed by
-integers. Its "engine" runs a bundle's ONNX model in ONNX Runtime, so the runner's profile selection, row slicing,
-shapes, buffer binding and copies are checked end to end against ONNX Runtime's own answers, without a GPU.
+"""A stand-in for TensorRT's and cuda-python's Python APIs, as far as utrexport's engine builder and the runtime's
+runner use them, that follows their documented behaviour (TensorRT 10.x / 11, cuda-python 12.6+): `(error, value)`
+tuples from cudart, bool returns from set_timing_cache, set_input_shape and execute_async_v3, None from a failed
+build, profile shapes as (min, opt, max), device memory addressed by integers, and `get_layer` returning the base
+ILayer (a subclass's members need a cast). Its "engine" runs the bundle's ONNX model in ONNX Runtime, so the builder
+and the runner are checked end to end against ONNX Runtime's own answers, without a GPU.
 
-The engine file it deserializes is JSON: {"onnx": path, "profiles": [[[min], [opt], [max]] per input name ...]}.
+Classes, members and parameters carry the real APIs' names: `make tensorrt-api` checks every one against the
+real bindings of each supported version (tests/test_tensorrt_api.py), so code that passes here calls what exists
+there. What arrived in a later TensorRT is left out of an older version's module (SINCE).
+
+A serialized engine is JSON: {"onnx": path, "profiles": [{input name: [min, opt, max]}, ...]}.
 """
 
 from __future__ import annotations
@@ -17,22 +22,49 @@ import types
 import numpy as np
 
 SUCCESS = 0
+# Module members that arrived after TensorRT 10.0: left out of an older version's module.
+SINCE = {"IAttention": (10, 14), "IAttentionInputLayer": (10, 14), "LayerType.ATTENTION_INPUT": (10, 14), "LayerType.ATTENTION_OUTPUT": (10, 14)}
 
 
-class TensorIOMode(enum.Enum):
-    INPUT = 1
-    OUTPUT = 2
+# ------------------------------------------------------------------------------------------------------ cudart
+class cudaError_t(enum.IntEnum):
+    cudaSuccess = 0
+    cudaErrorInsufficientDriver = 35
+
+
+class cudaMemcpyKind(enum.IntEnum):
+    cudaMemcpyHostToDevice = 1
+    cudaMemcpyDeviceToHost = 2
+
+
+class cudaDeviceProp:
+    name: bytes
+    major: int
+    minor: int
 
 
 class FakeCuda:
-    """cudart: device memory as bytearrays keyed by fake device pointers."""
+    """cudart: device memory as bytearrays keyed by fake device pointers; one GPU of compute capability 9.0."""
 
-    cudaError_t = types.SimpleNamespace(cudaSuccess=SUCCESS)
-    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+    cudaError_t, cudaMemcpyKind, cudaDeviceProp = cudaError_t, cudaMemcpyKind, cudaDeviceProp
 
-    def __init__(self):
+    def __init__(self, driver: int = 12090):
         self.memory: dict[int, bytearray] = {}
-        self.next, self.mallocs, self.streams = 1 << 20, 0, set()
+        self.next, self.mallocs, self.streams, self.driver = 1 << 20, 0, set(), driver
+
+    def cudaGetDeviceCount(self):
+        return (SUCCESS, 1) if self.driver >= 12000 else (cudaError_t.cudaErrorInsufficientDriver, 0)
+
+    def cudaDriverGetVersion(self):
+        return SUCCESS, self.driver
+
+    def cudaRuntimeGetVersion(self):
+        return SUCCESS, 12090
+
+    def cudaGetDeviceProperties(self, device):
+        props = cudaDeviceProp()
+        props.name, props.major, props.minor = b"Fake GPU", 9, 0
+        return SUCCESS, props
 
     def cudaStreamCreate(self):
         self.streams.add(7)
@@ -51,24 +83,193 @@ class FakeCuda:
         self.mallocs += 1
         return SUCCESS, self.next
 
-    def cudaFree(self, pointer):
-        del self.memory[pointer]
+    def cudaFree(self, devPtr):
+        del self.memory[devPtr]
         return (SUCCESS,)
 
-    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
-        if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
-            assert nbytes <= len(self.memory[dst])
-            self.memory[dst][:nbytes] = ctypes.string_at(src, nbytes)
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
+        if kind == cudaMemcpyKind.cudaMemcpyHostToDevice:
+            assert count <= len(self.memory[dst])
+            self.memory[dst][:count] = ctypes.string_at(src, count)
         else:
-            assert nbytes <= len(self.memory[src])
-            ctypes.memmove(dst, bytes(self.memory[src][:nbytes]), nbytes)
+            assert count <= len(self.memory[src])
+            ctypes.memmove(dst, bytes(self.memory[src][:count]), count)
         return (SUCCESS,)
 
     def cudaGetErrorString(self, error):
         return SUCCESS, b"fake error"
 
 
-class FakeEngine:
+# ---------------------------------------------------------------------------------------------------- TensorRT
+class TensorIOMode(enum.Enum):
+    INPUT = 1
+    OUTPUT = 2
+
+
+class DataType(enum.Enum):
+    FLOAT = 0
+    INT64 = 12
+
+
+class NetworkDefinitionCreationFlag(enum.IntEnum):
+    STRONGLY_TYPED = 1
+
+
+def nptype(trt_type):
+    return {DataType.INT64: np.int64, DataType.FLOAT: np.float32}[trt_type]
+
+
+class Logger:
+    WARNING = 2
+
+    def __init__(self, min_severity=2):
+        pass
+
+
+class IHostMemory(bytes):
+    nbytes = property(len)
+
+
+class ITensor:
+    name: str
+
+    def __init__(self, name):
+        self.name = name
+
+
+class IAttention:
+    decomposable: bool
+
+    def __init__(self):
+        self.decomposable = False  # TensorRT's default: one fused kernel or a failed build
+
+
+class ILayer:
+    type: "enum.Enum"
+    name: str
+
+    def __init__(self, type, name, attention=None):
+        self.type, self.name, self._attention = type, name, attention
+
+
+class IAttentionInputLayer(ILayer):
+    attention = property(lambda self: self._attention)
+
+
+class ParserError:
+    def __init__(self, text):
+        self.text = text
+
+    def desc(self):
+        return self.text
+
+
+class INetworkDefinition:
+    def __init__(self, flags):
+        self.flags, self.onnx, self.inputs, self.layers = flags, None, [], []
+
+    num_inputs = property(lambda self: len(self.inputs))
+    num_layers = property(lambda self: len(self.layers))
+
+    def get_input(self, index):
+        return self.inputs[index]
+
+    def get_layer(self, index):
+        layer = self.layers[index]
+        return ILayer(layer.type, layer.name, layer._attention)  # the base class, as TensorRT's Python API returns it
+
+
+class OnnxParser:
+    def __init__(self, network, logger):
+        self.network, self.errors = network, []
+
+    num_errors = property(lambda self: len(self.errors))
+
+    def get_error(self, index):
+        return ParserError(self.errors[index])
+
+    def parse_from_file(self, model):
+        """Inputs and one layer per node; ONNX Attention becomes IAttention boundary layers (10.14+), else is refused."""
+        import onnx
+
+        graph = onnx.load(model, load_external_data=False).graph
+        layer_types = self.trt.LayerType
+        for node in graph.node:
+            if node.op_type == "Attention":
+                if not hasattr(layer_types, "ATTENTION_INPUT"):
+                    self.errors.append(f"No importer registered for op: Attention (node {node.name})")
+                    continue
+                attention = IAttention()
+                self.network.layers += [ILayer(layer_types.ATTENTION_INPUT, node.name, attention), ILayer(layer_types.ATTENTION_OUTPUT, node.name)]
+            else:
+                self.network.layers.append(ILayer(getattr(layer_types, node.op_type.upper(), layer_types.IDENTITY), node.name))
+        self.network.inputs = [ITensor(i.name) for i in graph.input]
+        self.network.onnx = model
+        return not self.errors
+
+
+class ITimingCache:
+    def __init__(self, data):
+        self.data = data
+
+    def serialize(self):
+        return IHostMemory(self.data)
+
+
+class IOptimizationProfile:
+    def __init__(self):
+        self.shapes = {}
+
+    def set_shape(self, input, min, opt, max):
+        self.shapes[input] = [list(min), list(opt), list(max)]
+
+
+class IBuilderConfig:
+    def __init__(self, device_key):
+        self.device_key, self.profiles, self.cache, self.rejected_caches = device_key, [], None, 0
+
+    def create_timing_cache(self, serialized_timing_cache):
+        return ITimingCache(bytes(serialized_timing_cache) or self.device_key)
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        if cache.data != self.device_key and not ignore_mismatch:  # made on another GPU or TensorRT version
+            self.rejected_caches += 1
+            return False
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+    def add_optimization_profile(self, profile):
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+
+class Builder:
+    def __init__(self, logger):
+        self.last_config = None
+
+    def create_network(self, flags=0):
+        return INetworkDefinition(flags)
+
+    def create_builder_config(self):
+        self.last_config = IBuilderConfig(f"timing cache of TensorRT {self.trt.__version__} on Fake GPU".encode())
+        return self.last_config
+
+    def create_optimization_profile(self):
+        return IOptimizationProfile()
+
+    def build_serialized_network(self, network, config):
+        """None where an attention has no fused kernel and may not be decomposed: this stand-in has no fused kernels."""
+        if any(layer._attention is not None and not layer._attention.decomposable for layer in network.layers):
+            return None
+        if not config.profiles or any(set(p.shapes) != {t.name for t in network.inputs} for p in config.profiles):
+            return None
+        return IHostMemory(json.dumps({"onnx": network.onnx, "profiles": [p.shapes for p in config.profiles]}).encode())
+
+
+class ICudaEngine:
     def __init__(self, onnx_path: str, profiles: list[dict], cuda: FakeCuda):
         import onnxruntime as ort
 
@@ -80,29 +281,29 @@ class FakeEngine:
     num_io_tensors = property(lambda self: len(self.inputs) + len(self.outputs))
     num_optimization_profiles = property(lambda self: len(self.profiles))
 
-    def get_tensor_name(self, i):
-        return (self.inputs + self.outputs)[i]
+    def get_tensor_name(self, index):
+        return (self.inputs + self.outputs)[index]
 
     def get_tensor_mode(self, name):
         return TensorIOMode.INPUT if name in self.inputs else TensorIOMode.OUTPUT
 
     def get_tensor_dtype(self, name):
-        return "INT64" if name in self.inputs else "FLOAT"
+        return DataType.INT64 if name in self.inputs else DataType.FLOAT
 
-    def get_tensor_profile_shape(self, name, profile):
-        return [tuple(s) for s in self.profiles[profile][name]]
+    def get_tensor_profile_shape(self, name, profile_index):
+        return [tuple(s) for s in self.profiles[profile_index][name]]
 
     def create_execution_context(self):
-        return FakeContext(self)
+        return IExecutionContext(self)
 
 
-class FakeContext:
-    def __init__(self, engine: FakeEngine):
+class IExecutionContext:
+    def __init__(self, engine: ICudaEngine):
         self.engine, self.profile, self.shapes, self.addresses, self.runs = engine, 0, {}, {}, []
         self.results = None
 
-    def set_optimization_profile_async(self, profile, stream):
-        self.profile = profile
+    def set_optimization_profile_async(self, profile_index, stream_handle):
+        self.profile = profile_index
         return True
 
     def set_input_shape(self, name, shape):
@@ -112,8 +313,8 @@ class FakeContext:
         self.shapes[name], self.results = tuple(shape), None
         return True
 
-    def set_tensor_address(self, name, pointer):
-        self.addresses[name] = pointer
+    def set_tensor_address(self, name, memory):
+        self.addresses[name] = memory
         return True
 
     def _inputs(self):
@@ -127,7 +328,7 @@ class FakeContext:
             self.results = dict(zip(self.engine.outputs, session.run(None, {n: np.zeros(self.shapes[n], np.int64) for n in self.engine.inputs})))
         return self.results[name].shape
 
-    def execute_async_v3(self, stream):
+    def execute_async_v3(self, stream_handle):
         feeds = self._inputs()
         self.runs.append({n: a.shape for n, a in feeds.items()})
         for name, value in zip(self.engine.outputs, self.engine.session.run(None, feeds)):
@@ -136,21 +337,35 @@ class FakeContext:
         return True
 
 
-def fake_tensorrt(cuda: FakeCuda):
-    """A module object standing in for `tensorrt`."""
+class Runtime:
+    def __init__(self, logger):
+        pass
+
+    def deserialize_cuda_engine(self, serialized_engine):
+        spec = json.loads(bytes(serialized_engine))
+        return ICudaEngine(spec["onnx"], spec["profiles"], self.cuda)
+
+
+# The module's members, by their names in `tensorrt`.
+API = {cls.__name__: cls for cls in (TensorIOMode, DataType, NetworkDefinitionCreationFlag, Logger, IHostMemory, ITensor, IAttention,
+                                      ILayer, IAttentionInputLayer, ParserError, INetworkDefinition, ITimingCache, IOptimizationProfile,
+                                      IBuilderConfig, ICudaEngine, IExecutionContext, Builder, OnnxParser, Runtime)}
+API["nptype"] = nptype
+
+
+def fake_tensorrt(cuda: FakeCuda, version: str = "10.14.1.48") -> types.ModuleType:
+    """A module object standing in for `tensorrt` of that version."""
+    release = tuple(int(v) for v in version.split(".")[:2])
+    present = {name for name, since in SINCE.items() if release >= since}
     module = types.ModuleType("tensorrt")
-    module.__version__ = "10.14.1.48"
-    module.TensorIOMode = TensorIOMode
-    module.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=2: None})
-    module.nptype = lambda dtype: {"INT64": np.int64, "FLOAT": np.float32}[dtype]
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data: bytes):
-            spec = json.loads(data)
-            return FakeEngine(spec["onnx"], spec["profiles"], cuda)
-
-    module.Runtime = Runtime
+    module.__version__ = version
+    for name, member in API.items():
+        if name not in SINCE or name in present:
+            setattr(module, name, member)
+    layer_types = ["MATRIX_MULTIPLY", "SOFTMAX", "IDENTITY"] + [n.split(".")[1] for n in sorted(present) if n.startswith("LayerType.")]
+    module.LayerType = enum.Enum("LayerType", layer_types)
+    # The builder, parser and runtime see their own module and GPU (subclasses, so the API check reads the bases).
+    module.Builder = type("Builder", (Builder,), {"trt": module})
+    module.OnnxParser = type("OnnxParser", (OnnxParser,), {"trt": module})
+    module.Runtime = type("Runtime", (Runtime,), {"cuda": cuda})
     return module

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import types
 
 import numpy as np
@@ -153,13 +152,18 @@ def test_uncovered_shapes_are_refused_with_the_fix():
 
 
 def test_an_old_driver_is_named_as_such(monkeypatch):
+    """cudart answers error 35 both without a driver and with one older than its CUDA: cudaDriverGetVersion tells them apart."""
+    from fake_tensorrt import FakeCuda
     from utr_runtime.engines import tensorrt as trt_runner
 
-    fake = types.SimpleNamespace(cudaGetDeviceCount=lambda: (35, 0), cudaError_t=types.SimpleNamespace(cudaSuccess=0))
-    monkeypatch.setattr(trt_runner, "_cudart", lambda: fake)
-    with pytest.raises(UtrError, match=r"driver is older than the CUDA of the installed cuda-python \(CUDA error 35\).*tensorrt-cu12"):
+    monkeypatch.setattr(trt_runner, "_cudart", lambda: FakeCuda(driver=11080))
+    with pytest.raises(UtrError, match=r"driver supports CUDA 11.8, older than the CUDA 12.9 of the installed cuda-python \(CUDA error 35\).*tensorrt-cu12"):
         trt_runner.cuda_device()
-    fake.cudaGetDeviceCount = lambda: (100, 0)  # cudaErrorNoDevice
+    monkeypatch.setattr(trt_runner, "_cudart", lambda: FakeCuda(driver=0))
+    with pytest.raises(UtrError, match="no NVIDIA driver is installed"):
+        trt_runner.cuda_device()
+    fake = types.SimpleNamespace(cudaGetDeviceCount=lambda: (100, 0), cudaError_t=types.SimpleNamespace(cudaSuccess=0))  # cudaErrorNoDevice
+    monkeypatch.setattr(trt_runner, "_cudart", lambda: fake)
     with pytest.raises(UtrError, match="no CUDA GPU is visible"):
         trt_runner.cuda_device()
 
@@ -255,3 +259,82 @@ def test_per_channel_gemm_weights_follow_trans_b(tmp_path, trans_b, axis, ready)
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 23)]), tmp_path / "gemm.onnx")
     problems = [f.problem for f in check_model(tmp_path / "gemm.onnx")]
     assert (problems == []) == ready, problems
+
+
+def _fake_gpu(monkeypatch, version="10.14.1.48"):
+    """TensorRT `version` and cudart stood in for (tests/fake_tensorrt.py) wherever the builder and runner import them."""
+    from fake_tensorrt import FakeCuda, fake_tensorrt
+    from utr_runtime.engines import tensorrt as trt_runner
+    from utrexport import tensorrt_build
+
+    cuda = FakeCuda()
+    trt = fake_tensorrt(cuda, version)
+    monkeypatch.setattr(trt_runner, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(tensorrt_build, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_runner, "_cudart", lambda: cuda)
+    return cuda
+
+
+def test_engine_builds_and_runs_on_a_fake_tensorrt(tiny_bundle, tmp_path, monkeypatch):
+    """`utrexport engine` end to end on the stand-in: parse, every attention marked decomposable (the stand-in, like a GPU
+    without a fused kernel for these heads, fails the build otherwise), profiles, timing cache (one from another GPU
+    replaced), the manifest's record; then verify and embed on the engine as on ONNX Runtime."""
+    import json
+
+    cuda = _fake_gpu(monkeypatch)
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(tiny_bundle(3, "pretraining"), bundle_dir)
+    result = CliRunner().invoke(main, ["engine", str(bundle_dir), "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert "2 attention layers may fall back to unfused kernels" in result.output
+    record = utr_runtime.Bundle(bundle_dir).engines["fp32"]
+    assert (record["tensorrt"], record["gpu"], record["compute_capability"], record["decomposable_attention_layers"]) == ("10.14.1.48", "Fake GPU", "9.0", 2)
+    assert json.loads((bundle_dir / record["file"]).read_text())["profiles"][1]["input_ids"] == [[1, 129], [8, 512], [64, 512]]
+    cache = bundle_dir / "tensorrt.timing-cache"
+    assert cache.read_bytes() == b"timing cache of TensorRT 10.14.1.48 on Fake GPU"
+
+    cache.write_bytes(b"timing cache of another GPU")
+    result = CliRunner().invoke(main, ["engine", str(bundle_dir), "--precision", "fp32"])
+    assert result.exit_code == 0 and "timing cache is from another GPU or TensorRT version: starting a new one" in result.output
+    assert cache.read_bytes() == b"timing cache of TensorRT 10.14.1.48 on Fake GPU"
+
+    rows = utr_runtime.verify(bundle_dir, ["fp32"], device="tensorrt")
+    assert rows and all(r["passed"] for r in rows)
+    seqs = [s for _, s in real_sequences()][:6]
+    got = utr_runtime.load(bundle_dir, device="tensorrt").embed(seqs)
+    np.testing.assert_allclose(got, utr_runtime.load(bundle_dir, engine="onnxruntime").embed(seqs), rtol=0, atol=1e-5)
+    assert not cuda.streams and not cuda.memory  # the models above are gone: their runners freed stream and buffers
+
+
+def test_engine_build_fails_without_decomposable_attention(tiny_bundle, tmp_path, monkeypatch):
+    """The stand-in's failure is the one the builder's marking prevents: without it, no engine and nothing recorded."""
+    from utrexport import tensorrt_build
+
+    _fake_gpu(monkeypatch)
+    monkeypatch.setattr(tensorrt_build, "allow_decomposed_attention", lambda trt, network, log: 0)
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(tiny_bundle(3, "pretraining"), bundle_dir)
+    result = CliRunner().invoke(main, ["engine", str(bundle_dir), "--precision", "fp32"])
+    assert result.exit_code == 1 and "TensorRT failed to build the fp32 engine" in result.output
+    assert "engines" not in utr_runtime.Bundle(bundle_dir).manifest and not (bundle_dir / "engine.fp32.plan").exists()
+
+
+def test_older_tensorrt_takes_the_plain_attention_export(tiny_bundle, tmp_path, monkeypatch):
+    """TensorRT 10.3 (Jetson's) has no Attention importer: a fused bundle is refused before parsing, with the fix; the
+    plain export builds, runs and verifies."""
+    _fake_gpu(monkeypatch, version="10.3.0")
+    for attention in ("fused", "plain"):
+        bundle_dir = tmp_path / attention
+        shutil.copytree(tiny_bundle(3, "pretraining", attention), bundle_dir)
+        result = CliRunner().invoke(main, ["engine", str(bundle_dir), "--precision", "fp32"])
+        manifest = utr_runtime.Bundle(bundle_dir).manifest
+        if attention == "fused":
+            assert result.exit_code == 1, result.output
+            assert "needs TensorRT 10.14 or newer, this is 10.3.0: its attention is ONNX Attention nodes; rebuild the bundle with: " \
+                   "utrexport build --attention plain" in result.output
+            assert manifest["models"]["fp32"]["tensorrt_min"] == "10.14"
+        else:
+            assert result.exit_code == 0, result.output
+            assert manifest["models"]["fp32"]["tensorrt_min"] == "10.0"
+            assert manifest["engines"]["fp32"]["decomposable_attention_layers"] == 0
+            assert all(r["passed"] for r in utr_runtime.verify(bundle_dir, ["fp32"], device="tensorrt"))

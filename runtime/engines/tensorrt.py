@@ -72,14 +72,23 @@ def cuda_device(index: int = 0) -> dict:
     """Name and compute capability of a GPU, or a clear error where there is none."""
     cudart = _cudart()
     error, count = cudart.cudaGetDeviceCount()
-    if int(error) == CUDA_ERROR_INSUFFICIENT_DRIVER:
-        raise UtrError("the NVIDIA driver is older than the CUDA of the installed cuda-python (CUDA error 35); install the "
-                       "extra for your driver's CUDA major, e.g. pip install 'utrexport[tensorrt-cu12]', or update the driver")
+    if int(error) == CUDA_ERROR_INSUFFICIENT_DRIVER:  # no driver at all, or one older than cuda-python's CUDA
+        driver = cudart.cudaDriverGetVersion()[1]  # 0 where no driver is installed
+        if driver:
+            runtime = cudart.cudaRuntimeGetVersion()[1]
+            raise UtrError(f"the NVIDIA driver supports CUDA {_cuda_version(driver)}, older than the CUDA {_cuda_version(runtime)} of the "
+                           "installed cuda-python (CUDA error 35); install the extra for your driver's CUDA major, e.g. "
+                           "pip install 'utrexport[tensorrt-cu12]', or update the driver")
+        raise UtrError("no NVIDIA driver is installed, so no CUDA GPU is visible; TensorRT engines need one")
     if error != cudart.cudaError_t.cudaSuccess or count == 0:
         raise UtrError("no CUDA GPU is visible; TensorRT engines need one")
     props = _call(cudart.cudaGetDeviceProperties(index))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     return {"name": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def _cuda_version(number: int) -> str:
+    return f"{number // 1000}.{number % 1000 // 10}"  # 12090 -> 12.9
 
 
 def numpy_dtype(trt, dtype):
