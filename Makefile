@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned in constraints.txt (the CPU build on this machine's disk); it must be installed first.
 PIP := $(BIN)/pip install --quiet --constraint constraints.txt
 
-.PHONY: build test bench clean
+.PHONY: build test bench clean tensorrt-api
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,25 @@ $(NODE_MODULES): clients/node/package.json clients/node/package-lock.json
 test: $(VENV)/.installed $(NODE_MODULES)
 	$(BIN)/python -m pytest
 
+# The TensorRT stand-in the tests use, against the real Python bindings of each supported TensorRT and cuda-python
+# (tests/test_tensorrt_api.py). Not part of `make test`: it downloads about 60 MB of wheels and needs a C compiler.
+TRT_API := .cache/tensorrt-api
+TRT_BINDINGS := tensorrt_cu12_bindings==10.3.0 tensorrt_cu12_bindings==10.14.1.48.post1 tensorrt_cu12_bindings==10.16.1.11 \
+	tensorrt_cu13_bindings==11.4.0.106
+CUDA_PYTHON := cuda-python==12.6.0 cuda-bindings==12.9.10 cuda-bindings==13.5.0
+tensorrt-api: $(VENV)/.installed
+	mkdir -p $(TRT_API)/stub
+	for major in 10 11; do for lib in nvinfer nvonnxparser nvinfer_plugin; do \
+	  cc -shared -fPIC -Wl,-soname,lib$$lib.so.$$major -o $(TRT_API)/stub/lib$$lib.so.$$major tests/tensorrt_api/stub.c || exit 1; \
+	done; done
+	for req in $(TRT_BINDINGS); do dir=$(TRT_API)/$$(echo $$req | sed 's/==/-/'); \
+	  [ -d $$dir ] || $(BIN)/pip install --quiet --no-deps --target $$dir $$req || exit 1; done
+	for req in $(CUDA_PYTHON); do dir=$(TRT_API)/$$(echo $$req | sed 's/==/-/'); \
+	  [ -d $$dir ] || $(BIN)/pip install --quiet --target $$dir $$req || exit 1; done
+	UTR_TENSORRT_API=$(TRT_API) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_tensorrt_api.py
+
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/tokenizer.py
 
 clean:
-	rm -rf $(VENV) clients/node/node_modules bundles .pytest_cache .hypothesis *.egg-info build dist
+	rm -rf $(VENV) clients/node/node_modules bundles .pytest_cache .hypothesis *.egg-info build dist .cache

@@ -338,3 +338,49 @@ def test_older_tensorrt_takes_the_plain_attention_export(tiny_bundle, tmp_path, 
             assert manifest["models"]["fp32"]["tensorrt_min"] == "10.0"
             assert manifest["engines"]["fp32"]["decomposable_attention_layers"] == 0
             assert all(r["passed"] for r in utr_runtime.verify(bundle_dir, ["fp32"], device="tensorrt"))
+
+
+class _PybindMethod:
+    """Callable as a pybind11 method is: no signature to inspect, its signatures in the docstring."""
+
+    def __init__(self, doc):
+        self.__doc__ = doc
+
+    def __call__(self, *args):
+        pass
+
+    @property
+    def __signature__(self):
+        raise ValueError("no signature found for builtin")
+
+
+def test_api_check_names_every_drift():
+    """tests/tensorrt_api/check.py (`make tensorrt-api`, against the real bindings) on a pybind11-like copy of the
+    stand-in: the copy passes; a renamed parameter, a missing method and a method that is a property fail."""
+    import inspect
+
+    from fake_tensorrt import IExecutionContext
+    from tensorrt_api.check import compare_class, parameter_lists
+
+    def copy(**changes):
+        members = {}
+        for name, member in vars(IExecutionContext).items():
+            if not name.startswith("_"):
+                params = ", ".join(f"{p}: int" for p in list(inspect.signature(member).parameters)[1:])
+                members[name] = _PybindMethod(f"{name}(self: tensorrt.IExecutionContext, {params}) -> bool")
+        members.update(changes)
+        return type("IExecutionContext", (), {k: v for k, v in members.items() if v is not None})
+
+    assert compare_class("IExecutionContext", IExecutionContext, copy()) == []
+    overloaded = _PybindMethod("set_input_shape(*args, **kwargs)\nOverloaded function.\n\n1. set_input_shape(self: X, name: str, shape: tuple) -> bool\n\n"
+                               "2. set_input_shape(self: X, name: str, shape: tensorrt.Dims) -> bool")
+    assert compare_class("IExecutionContext", IExecutionContext, copy(set_input_shape=overloaded)) == []
+    drifted = copy(set_tensor_address=_PybindMethod("set_tensor_address(self: X, name: str, pointer: int) -> bool"),
+                   get_tensor_shape=None, execute_async_v3=property(lambda self: True))
+    assert compare_class("IExecutionContext", IExecutionContext, drifted) == [
+        "IExecutionContext.execute_async_v3 is not a method in the real API",
+        "IExecutionContext.get_tensor_shape does not exist",
+        "IExecutionContext.set_tensor_address(name, memory): the real parameters are (name, pointer)",
+    ]
+    assert parameter_lists(_PybindMethod("cudaMemcpyAsync(dst, src, size_t count, kind: cudaMemcpyKind, stream)"), "cudaMemcpyAsync") == \
+        [["dst", "src", "count", "kind", "stream"]]

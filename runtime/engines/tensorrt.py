@@ -45,10 +45,10 @@ def import_tensorrt():
 
 def _cudart():
     try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+        from cuda.bindings import runtime as cudart  # cuda-bindings, and cuda-python from 12.6.2
     except ImportError:
         try:
-            from cuda import cudart  # older cuda-python
+            from cuda import cudart  # cuda-python 12.6.0 and older
         except ImportError:
             raise UtrError("cuda-python is not installed: pip install 'utrexport[tensorrt]'") from None
     return cudart
@@ -71,7 +71,10 @@ def _error_text(cudart, error) -> str:
 def cuda_device(index: int = 0) -> dict:
     """Name and compute capability of a GPU, or a clear error where there is none."""
     cudart = _cudart()
-    error, count = cudart.cudaGetDeviceCount()
+    try:
+        error, count = cudart.cudaGetDeviceCount()
+    except RuntimeError as e:  # cuda-python 12.6.0 raises where libcuda is missing ("Failed to dlopen libcuda.so.1")
+        raise UtrError(f"no NVIDIA driver is installed, so no CUDA GPU is visible ({e}); TensorRT engines need one") from None
     if int(error) == CUDA_ERROR_INSUFFICIENT_DRIVER:  # no driver at all, or one older than cuda-python's CUDA
         driver = cudart.cudaDriverGetVersion()[1]  # 0 where no driver is installed
         if driver:
