@@ -224,7 +224,8 @@ def verify_command(bundle, precision, device, engines) -> None:
                    "1x129,8x512,64x512]. Larger batches run in row slices.")
 @_fail_cleanly
 def engine(bundle, precision, profiles) -> None:
-    """Build a TensorRT engine from the bundle's ONNX model of one precision (needs a GPU and TensorRT 10.14+)."""
+    """Build a TensorRT engine from the bundle's ONNX model of one precision (needs a GPU and TensorRT 10.14+, or 10.0+
+    for a bundle built with --attention plain)."""
     from .tensorrt_build import DEFAULT_PROFILES, build_engine, parse_profile
 
     parsed = tuple(parse_profile(p) for p in profiles) or DEFAULT_PROFILES

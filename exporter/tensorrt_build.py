@@ -1,4 +1,4 @@
-"""Bundle ONNX model -> TensorRT engine (TensorRT 10.14+ / 11 Python API), recorded in the bundle's manifest.
+"""Bundle ONNX model -> TensorRT engine (TensorRT 10.x / 11 Python API), recorded in the bundle's manifest.
 
 Networks are strongly typed: precision comes from the ONNX file (fp16 tensors, int8 Q/DQ), not from builder
 flags (TensorRT 11 removed the FP16/INT8 flags and calibrators; 10.x still needs the STRONGLY_TYPED creation

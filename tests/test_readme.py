@@ -28,6 +28,7 @@ NOT_RUN = {
     "--device tensorrt": "needs an NVIDIA GPU and TensorRT",
     "device='tensorrt'": "needs an NVIDIA GPU and TensorRT",
     "benchmarks/tensorrt_gpu.sh": "needs an NVIDIA GPU and TensorRT",
+    "make tensorrt-api": "downloads about 60 MB of TensorRT and cuda-python wheels and needs a C compiler (run by hand)",
     "ray start": "starts a Ray cluster that outlives the command (the local --ray run below starts and stops its own)",
     "--ray auto": "joins a running Ray cluster",
 }
