@@ -384,3 +384,19 @@ def test_api_check_names_every_drift():
     ]
     assert parameter_lists(_PybindMethod("cudaMemcpyAsync(dst, src, size_t count, kind: cudaMemcpyKind, stream)"), "cudaMemcpyAsync") == \
         [["dst", "src", "count", "kind", "stream"]]
+
+
+def test_attention_that_cannot_be_marked_is_reported(tiny_bundle):
+    """Should a TensorRT refuse the cast to IAttentionInputLayer, the build goes on with a warning naming the fix."""
+    from fake_tensorrt import FakeCuda, fake_tensorrt
+    from utrexport.tensorrt_build import allow_decomposed_attention
+
+    trt = fake_tensorrt(FakeCuda())
+    network = trt.Builder(None).create_network()
+    assert trt.OnnxParser(network, None).parse_from_file(str(utr_runtime.Bundle(tiny_bundle(3, "pretraining")).model_file("fp32")))
+    logged = []
+    assert allow_decomposed_attention(trt, network, logged.append) == 2 and logged[-1].startswith("2 attention layers")
+    trt.IAttentionInputLayer = type("IAttentionInputLayer", (int,), {})  # a layout the layer cannot be recast to
+    logged.clear()
+    assert allow_decomposed_attention(trt, network, logged.append) == 0
+    assert len(logged) == 2 and all("could not mark attention" in m and "--attention plain" in m for m in logged)
