@@ -187,11 +187,22 @@ def build(ctx, k, checkpoint, hub_id, random_init, seed, layers, precision, cali
     path = build_bundle(ckpt, output, precisions, force=force, log=_log, calibration=calibration, attention=attention)
     manifest = _read_manifest(path)
     _print_parity(manifest.get("parity", []))
+    _log_tensorrt_readiness(manifest)
     click.echo(f"bundle written to {path}")
     left_out = sorted(manifest.get("left_out", {}))
     asked = ctx.get_parameter_source("precision") != click.core.ParameterSource.DEFAULT
     if left_out and asked:
         raise CommandError(f"{', '.join(left_out)} did not pass its accuracy gate and is not in the bundle (see above)")
+
+
+def _log_tensorrt_readiness(manifest: dict) -> None:
+    """Which of the bundle's models TensorRT can build, from which version on (the readiness check's verdict)."""
+    ready = {p: m["tensorrt_min"] for p, m in manifest["models"].items() if m.get("tensorrt_ready")}
+    if not ready:
+        return
+    versions = " or ".join(f"{v}+" for v in sorted(set(ready.values())))
+    hint = "; for older TensorRT (e.g. Jetson's 10.3) build with --attention plain" if manifest["attention"]["form"] == "fused" else ""
+    _log(f"TensorRT-ready: {', '.join(ready)} (TensorRT {versions}{hint})")
 
 
 @main.command("verify")

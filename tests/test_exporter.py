@@ -269,7 +269,9 @@ def test_force_replaces_a_bundle_and_nothing_else(tiny_checkpoint, tmp_path):
     assert (important / "thesis.txt").read_text() == "mine" and (important / "sub").is_dir() and plain.read_text() == "mine too"
 
     out = tmp_path / "bundle"
-    assert CliRunner().invoke(main, build + [str(out)]).exit_code == 0
+    result = CliRunner().invoke(main, build + [str(out)])
+    assert result.exit_code == 0, result.output
+    assert "TensorRT-ready: fp32 (TensorRT 10.14+; for older TensorRT (e.g. Jetson's 10.3) build with --attention plain)" in result.output
     first = (out / "manifest.json").read_text()
     result = CliRunner().invoke(main, build + [str(out), "--force"])
     assert result.exit_code == 0, result.output
