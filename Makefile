@@ -32,7 +32,7 @@ test: $(VENV)/.installed $(NODE_MODULES)
 # The TensorRT stand-in the tests use, against the real Python bindings of each supported TensorRT and cuda-python
 # (tests/test_tensorrt_api.py). Not part of `make test`: it downloads about 60 MB of wheels and needs a C compiler.
 TRT_API := .cache/tensorrt-api
-TRT_BINDINGS := tensorrt_cu12_bindings==10.3.0 tensorrt_cu12_bindings==10.14.1.48.post1 tensorrt_cu12_bindings==10.16.1.11 \
+TRT_BINDINGS := tensorrt_cu12_bindings==10.0.1 tensorrt_cu12_bindings==10.3.0 tensorrt_cu12_bindings==10.14.1.48.post1 tensorrt_cu12_bindings==10.16.1.11 \
 	tensorrt_cu13_bindings==11.4.0.106
 CUDA_PYTHON := cuda-python==12.6.0 cuda-bindings==12.9.10 cuda-bindings==13.5.0
 tensorrt-api: $(VENV)/.installed

@@ -22,7 +22,7 @@ from utr_runtime.bundle import Bundle, sha256_file, write_manifest
 from utr_runtime.engines.tensorrt import cuda_device, import_tensorrt
 from utr_runtime.errors import UtrError
 
-from .tensorrt_check import ATTENTION_TENSORRT, check_model, minimum_tensorrt
+from .tensorrt_check import OPERATOR_SINCE, check_model, minimum_tensorrt, version_tuple
 from .writers import write_atomic
 
 # (batch, tokens) ranges covering every length from 1 token to 512 with up to 64 rows (embed's default batch_size):
@@ -54,11 +54,6 @@ def profile_shapes(profiles, inputs: list[str]) -> list[dict[str, tuple]]:
         {name: ((lo[0], 1), (opt[0], 1), (hi[0], MASK_POSITIONS)) if name == "mask_positions" else (lo, opt, hi) for name in inputs}
         for lo, opt, hi in profiles
     ]
-
-
-def _version(text: str) -> tuple[int, int]:
-    major, minor = (text.split(".") + ["0"])[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def allow_decomposed_attention(trt, network, log=print) -> int:
@@ -98,9 +93,9 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
             raise EngineError(f"profile min batch must be 1 (the runner runs any batch in row slices), got {profile[0][0]}")
     trt = import_tensorrt()
     needed = minimum_tensorrt(onnx_file)
-    if _version(trt.__version__) < _version(needed):
+    if version_tuple(trt.__version__) < version_tuple(needed):
         fix = ("its attention is ONNX Attention nodes; rebuild the bundle with: utrexport build --attention plain"
-               if needed == ATTENTION_TENSORRT else "use a newer TensorRT")
+               if needed == OPERATOR_SINCE["Attention"] else "use a newer TensorRT")
         raise EngineError(f"{onnx_file.name} needs TensorRT {needed} or newer, this is {trt.__version__}: {fix}")
     device = cuda_device()
 

@@ -5,9 +5,11 @@ follow TensorRT's explicit-quantization rules. The table below is TensorRT 10.15
 matrix (onnx-tensorrt docs/operators.md), restricted to the operators an exporter graph can contain; an
 operator missing from it is reported, so a graph that grows a new operator is caught here first.
 
-Which TensorRT a ready model needs (`minimum_tensorrt`): the `Attention` operator reached the parser (as
-IAttention) in 10.14; without it (an export with plain attention) the newest operator a model holds is `Gelu`
-(opset 20), which the parser reads from 10.0 on (onnx-tensorrt's operator matrices of 8.6, 9.3, 10.0 and 10.1).
+Which TensorRT a ready model needs (`minimum_tensorrt`): the newest of 10.0 (the oldest TensorRT the builder and
+runner target: strongly typed networks and the Python API they call, checked by `make tensorrt-api`) and the
+versions whose parser first reads the model's operators: `Gelu` (opset 20) from 10.0, `Attention` (as IAttention)
+from 10.14; every other operator here is in the matrix of 8.6 already (onnx-tensorrt's operator matrices of 8.6,
+10.0, 10.1 and 10.15).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ATTENTION_TENSORRT = "10.14"  # the first parser with the ONNX Attention operator
-PLAIN_TENSORRT = "10.0"  # the first parser with Gelu: what a model without Attention nodes needs
+OLDEST_TENSORRT = "10.0"
+OPERATOR_SINCE = {"Gelu": "10.0", "Attention": "10.14"}  # operators TensorRT's parser read later than 8.6
 
 _F = ("FP32", "FP16", "BF16")
 _I = ("INT32", "INT64")
@@ -97,11 +99,17 @@ def check_model(path: str | os.PathLike) -> list[Finding]:
 
 
 def minimum_tensorrt(path: str | os.PathLike) -> str:
-    """The oldest TensorRT whose ONNX parser reads a ready model."""
+    """The oldest TensorRT that builds a ready model."""
     import onnx
 
-    graph = onnx.load(os.fspath(path), load_external_data=False).graph
-    return ATTENTION_TENSORRT if any(node.op_type == "Attention" for node in graph.node) else PLAIN_TENSORRT
+    ops = {node.op_type for node in onnx.load(os.fspath(path), load_external_data=False).graph.node}
+    return max([OLDEST_TENSORRT] + [OPERATOR_SINCE[op] for op in ops if op in OPERATOR_SINCE], key=version_tuple)
+
+
+def version_tuple(text: str) -> tuple[int, int]:
+    """'10.14.1.48.post1' -> (10, 14)"""
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def _check_attention(node, ranks, types) -> list[Finding]:
