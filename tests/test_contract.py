@@ -32,9 +32,11 @@ def vectors(bundle) -> dict:
 
 @pytest.fixture(scope="module")
 def contract_bundles(tiny_bundle, task_bundle, all_precisions):
-    """An MLM bundle at k=3 and k=6, a task bundle of each level, and a full-width one with fp16 and int8."""
-    return [tiny_bundle(3, "pretraining"), tiny_bundle(6, "pretraining"), task_bundle(3, "sequence", "multiclass"),
-            task_bundle(3, "nucleotide", "multiclass"), task_bundle(3, "contact", "binary"), all_precisions]
+    """An MLM bundle at k=3 and k=6 (and k=6 with plain attention), a task bundle of each level, and a full-width
+    one with fp16 and int8."""
+    return [tiny_bundle(3, "pretraining"), tiny_bundle(6, "pretraining"), tiny_bundle(6, "pretraining", "plain"),
+            task_bundle(3, "sequence", "multiclass"), task_bundle(3, "nucleotide", "multiclass"), task_bundle(3, "contact", "binary"),
+            all_precisions]
 
 
 @pytest.mark.parametrize("k", [3, 6])
