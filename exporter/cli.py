@@ -237,6 +237,10 @@ def verify_command(bundle, precision, device, engines) -> None:
 def engine(bundle, precision, profiles) -> None:
     """Build a TensorRT engine from the bundle's ONNX model of one precision (needs a GPU and TensorRT 10.14+, or 10.0+
     for a bundle built with --attention plain)."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # the readiness check reads the model before TensorRT does
+        raise CommandError("utrexport engine needs the onnx package: pip install 'utrexport[tensorrt]'")
     from .tensorrt_build import DEFAULT_PROFILES, build_engine, parse_profile
 
     parsed = tuple(parse_profile(p) for p in profiles) or DEFAULT_PROFILES

@@ -400,3 +400,13 @@ def test_attention_that_cannot_be_marked_is_reported(tiny_bundle):
     logged.clear()
     assert allow_decomposed_attention(trt, network, logged.append) == 0
     assert len(logged) == 2 and all("could not mark attention" in m and "--attention plain" in m for m in logged)
+
+
+def test_engine_without_onnx_says_what_to_install(all_precisions, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    result = CliRunner().invoke(main, ["engine", str(all_precisions), "--precision", "fp16"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "utrexport engine needs the onnx package: pip install 'utrexport[tensorrt]'" in result.output
