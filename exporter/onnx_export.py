@@ -1,9 +1,9 @@
 """PyTorch module -> ONNX (opset 23): exact `Gelu`, `LayerNormalization`, and attention in one of two forms.
 
-fused: one ONNX `Attention` node per layer. ONNX Runtime and OpenVINO run it as one kernel; TensorRT's parser
-       reads it from 10.14 on (as IAttention).
-plain: MatMul, Softmax, MatMul per layer: every TensorRT from 10.0 parses it (10.0 brought the `Gelu` operator),
-       and fuses the pattern into its own attention kernels where it can.
+fused: one ONNX `Attention` node per layer, read by ONNX Runtime 1.23+, OpenVINO 2026.1+ and TensorRT 10.14+ (as
+       IAttention); the default.
+plain: MatMul, Softmax, MatMul per layer, read by OpenVINO 2024.2+ and TensorRT 10.0+ (10.0 brought `Gelu`), which
+       fuses the pattern into its own attention kernels where it can. Same outputs; docs/attention_forms.md.
 """
 
 from __future__ import annotations
