@@ -161,14 +161,14 @@ def _figures(row: dict) -> str:
 def _record_tensorrt_readiness(work: Path, models: dict) -> None:
     """Whether TensorRT's ONNX parser would take each model (the CPU int8 scheme is not meant to be), and from which
     TensorRT version on."""
-    from .tensorrt_check import check_model, minimum_tensorrt
+    from .tensorrt_check import readiness
 
     for entry in [*models.values(), *(v for m in models.values() for v in m.get("variants", {}).values())]:
-        findings = check_model(work / entry["file"])
+        findings, minimum = readiness(work / entry["file"])
         entry["tensorrt_ready"] = not findings
         if not findings:
-            entry["tensorrt_min"] = minimum_tensorrt(work / entry["file"])
-        if findings:
+            entry["tensorrt_min"] = minimum
+        else:
             entry["tensorrt_findings"] = [str(f) for f in findings[:5]] + ([f"... {len(findings) - 5} more"] if len(findings) > 5 else [])
 
 

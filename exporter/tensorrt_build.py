@@ -10,7 +10,7 @@ Attention: a bundle exported with fused attention (ONNX `Attention`) becomes IAt
 makes non-decomposable: where no fused kernel covers them (fp32 Q/K/V, some head sizes), the build would fail. The
 builder marks each one decomposable, so TensorRT falls back to several kernels there and keeps its fused kernel
 everywhere else. A bundle exported with plain attention (MatMul/Softmax/MatMul) has no IAttention at all, and runs
-on TensorRT 10.0+; `tensorrt_check.minimum_tensorrt` says which applies to a model.
+on TensorRT 10.0+; `tensorrt_check.readiness` says which applies to a model.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from utr_runtime.bundle import Bundle, sha256_file, write_manifest
 from utr_runtime.engines.tensorrt import cuda_device, import_tensorrt
 from utr_runtime.errors import UtrError
 
-from .tensorrt_check import OPERATOR_SINCE, check_model, minimum_tensorrt, version_tuple
+from .tensorrt_check import OPERATOR_SINCE, readiness, version_tuple
 from .writers import write_atomic
 
 # (batch, tokens) ranges covering every length from 1 token to 512 with up to 64 rows (embed's default batch_size):
@@ -83,7 +83,7 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
     """Build, write and record `engine.<precision>.plan`; returns its path."""
     bundle = Bundle(bundle_path)
     onnx_file = bundle.model_file(precision, device="tensorrt")
-    findings = check_model(onnx_file)
+    findings, needed = readiness(onnx_file)
     if findings:
         raise EngineError(f"{onnx_file.name} is not TensorRT-ready: {findings[0]} (and {len(findings) - 1} more)")
     for profile in profiles:
@@ -92,7 +92,6 @@ def build_engine(bundle_path, precision: str, profiles=DEFAULT_PROFILES, log=pri
         if profile[0][0] != 1:
             raise EngineError(f"profile min batch must be 1 (the runner runs any batch in row slices), got {profile[0][0]}")
     trt = import_tensorrt()
-    needed = minimum_tensorrt(onnx_file)
     if version_tuple(trt.__version__) < version_tuple(needed):
         fix = ("its attention is ONNX Attention nodes; rebuild the bundle with: utrexport build --attention plain"
                if needed == OPERATOR_SINCE["Attention"] else "use a newer TensorRT")

@@ -53,11 +53,20 @@ class Finding:
 
 def check_model(path: str | os.PathLike) -> list[Finding]:
     """Everything in the model that TensorRT's ONNX parser would refuse; an empty list means ready."""
+    return readiness(path)[0]
+
+
+def readiness(path: str | os.PathLike) -> tuple[list[Finding], str]:
+    """check_model's findings and the oldest TensorRT that builds the model, from one read of the file."""
     import onnx
+
+    graph = onnx.shape_inference.infer_shapes(onnx.load(os.fspath(path))).graph
+    return _findings(graph), minimum_tensorrt({node.op_type for node in graph.node})
+
+
+def _findings(graph) -> list[Finding]:
     from onnx import numpy_helper
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(os.fspath(path)))
-    graph = model.graph
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     types, ranks = {}, {}
     for value in [*graph.input, *graph.value_info, *graph.output]:
@@ -98,11 +107,8 @@ def check_model(path: str | os.PathLike) -> list[Finding]:
     return findings
 
 
-def minimum_tensorrt(path: str | os.PathLike) -> str:
-    """The oldest TensorRT that builds a ready model."""
-    import onnx
-
-    ops = {node.op_type for node in onnx.load(os.fspath(path), load_external_data=False).graph.node}
+def minimum_tensorrt(ops: set[str]) -> str:
+    """The oldest TensorRT that builds a ready model holding these operators."""
     return max([OLDEST_TENSORRT] + [OPERATOR_SINCE[op] for op in ops if op in OPERATOR_SINCE], key=version_tuple)
 
 

@@ -180,19 +180,30 @@ def test_engine_io_types_numpy_cannot_hold_are_refused():
         numpy_dtype(fake, "BF16")
 
 
+def _fake_gpu(monkeypatch, version="10.14.1.48"):
+    """TensorRT `version` and cudart stood in for (tests/fake_tensorrt.py) wherever the builder and runner import them."""
+    from fake_tensorrt import FakeCuda, fake_tensorrt
+    from utr_runtime.engines import tensorrt as trt_runner
+    from utrexport import tensorrt_build
+
+    cuda = FakeCuda()
+    trt = fake_tensorrt(cuda, version)
+    monkeypatch.setattr(trt_runner, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(tensorrt_build, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_runner, "_cudart", lambda: cuda)
+    return cuda
+
+
 def test_runner_on_a_fake_engine_gives_onnx_runtimes_answers(tiny_bundle, task_bundle, monkeypatch, tmp_path):
     """The TensorRT runner end to end on tests/fake_tensorrt.py (TensorRT's and cudart's documented behaviour, an
     engine that computes with ONNX Runtime): profile choice, row slices past the profile's 64 rows, an empty
     mask_positions widened to the profile's one, shapes, bindings and copies; buffers reused and freed."""
     import json
 
-    from fake_tensorrt import FakeCuda, fake_tensorrt
     from utr_runtime.engines import tensorrt as trt_runner
     from utr_runtime.model import Model
 
-    cuda = FakeCuda()
-    monkeypatch.setattr(trt_runner, "import_tensorrt", lambda: fake_tensorrt(cuda))
-    monkeypatch.setattr(trt_runner, "_cudart", lambda: cuda)
+    cuda = _fake_gpu(monkeypatch)
     seqs = [s for _, s in sorted(real_sequences(), key=lambda r: len(r[1]))[::5]]
     for path in (tiny_bundle(3, "pretraining"), task_bundle(3, "sequence", "multiclass")):
         bundle = utr_runtime.Bundle(path)
@@ -259,20 +270,6 @@ def test_per_channel_gemm_weights_follow_trans_b(tmp_path, trans_b, axis, ready)
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 23)]), tmp_path / "gemm.onnx")
     problems = [f.problem for f in check_model(tmp_path / "gemm.onnx")]
     assert (problems == []) == ready, problems
-
-
-def _fake_gpu(monkeypatch, version="10.14.1.48"):
-    """TensorRT `version` and cudart stood in for (tests/fake_tensorrt.py) wherever the builder and runner import them."""
-    from fake_tensorrt import FakeCuda, fake_tensorrt
-    from utr_runtime.engines import tensorrt as trt_runner
-    from utrexport import tensorrt_build
-
-    cuda = FakeCuda()
-    trt = fake_tensorrt(cuda, version)
-    monkeypatch.setattr(trt_runner, "import_tensorrt", lambda: trt)
-    monkeypatch.setattr(tensorrt_build, "import_tensorrt", lambda: trt)
-    monkeypatch.setattr(trt_runner, "_cudart", lambda: cuda)
-    return cuda
 
 
 def test_engine_builds_and_runs_on_a_fake_tensorrt(tiny_bundle, tmp_path, monkeypatch):

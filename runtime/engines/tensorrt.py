@@ -10,7 +10,8 @@ import numpy as np
 
 from ..errors import BundleError, UtrError
 
-CUDA_ERROR_INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: the driver is older than cuda-python's CUDA
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: no driver, or one older than cuda-python's CUDA
+NO_DRIVER = "no NVIDIA driver is installed, so no CUDA GPU is visible{}; TensorRT engines need one"
 
 
 def plan_profile_runs(profiles: list[dict[str, tuple]], shapes: dict[str, tuple]) -> tuple[int, list[slice]]:
@@ -74,15 +75,15 @@ def cuda_device(index: int = 0) -> dict:
     try:
         error, count = cudart.cudaGetDeviceCount()
     except RuntimeError as e:  # cuda-python 12.6.0 raises where libcuda is missing ("Failed to dlopen libcuda.so.1")
-        raise UtrError(f"no NVIDIA driver is installed, so no CUDA GPU is visible ({e}); TensorRT engines need one") from None
+        raise UtrError(NO_DRIVER.format(f" ({e})")) from None
     if int(error) == CUDA_ERROR_INSUFFICIENT_DRIVER:  # no driver at all, or one older than cuda-python's CUDA
         driver = cudart.cudaDriverGetVersion()[1]  # 0 where no driver is installed
-        if driver:
-            runtime = cudart.cudaRuntimeGetVersion()[1]
-            raise UtrError(f"the NVIDIA driver supports CUDA {_cuda_version(driver)}, older than the CUDA {_cuda_version(runtime)} of the "
-                           "installed cuda-python (CUDA error 35); install the extra for your driver's CUDA major, e.g. "
-                           "pip install 'utrexport[tensorrt-cu12]', or update the driver")
-        raise UtrError("no NVIDIA driver is installed, so no CUDA GPU is visible; TensorRT engines need one")
+        if not driver:
+            raise UtrError(NO_DRIVER.format(""))
+        runtime = cudart.cudaRuntimeGetVersion()[1]
+        raise UtrError(f"the NVIDIA driver supports CUDA {_cuda_version(driver)}, older than the CUDA {_cuda_version(runtime)} of the "
+                       "installed cuda-python (CUDA error 35); install the extra for your driver's CUDA major, e.g. "
+                       "pip install 'utrexport[tensorrt-cu12]', or update the driver")
     if error != cudart.cudaError_t.cudaSuccess or count == 0:
         raise UtrError("no CUDA GPU is visible; TensorRT engines need one")
     props = _call(cudart.cudaGetDeviceProperties(index))

@@ -45,7 +45,10 @@ def _split(text: str) -> list[str]:
     """Top-level comma split of a parameter list (types hold brackets, defaults hold <...>)."""
     parts, depth, current = [], 0, ""
     for c in text:
-        depth += c in "[(<" and 1 or (c in "])>" and -1 or 0)
+        if c in "[(<":
+            depth += 1
+        elif c in "])>":
+            depth -= 1
         if c == "," and depth == 0:
             parts.append(current)
             current = ""
@@ -171,29 +174,27 @@ def check_cudart() -> dict:
             continue
         if not hasattr(real, name):
             problems.append(f"cudart.{name} does not exist")
-        elif isinstance(member, type):
-            problems += compare(f"cudart.{name}", member, getattr(real, name))
         else:
-            problems += compare_function(f"cudart.{name}", member, getattr(real, name), name)
+            problems += compare(f"cudart.{name}", member, getattr(real, name))
     try:
         said = f"device {cuda_device()}"
     except UtrError as e:
         said = str(e)
-    from importlib import metadata
-
-    versions = {p: metadata.version(p) for p in ("cuda-python", "cuda-bindings") if _installed(p)}
-    return {"version": ", ".join(f"{p} {v}" for p, v in versions.items()), "module": real.__name__, "problems": problems,
+    return {"version": _distributions("cuda-python", "cuda-bindings"), "module": real.__name__, "problems": problems,
             "behaviour": {"cuda_device": said}}
 
 
-def _installed(package: str) -> bool:
+def _distributions(*names: str) -> str:
+    """'cuda-bindings 12.9.10': the installed ones of these packages, with their versions."""
     from importlib import metadata
 
-    try:
-        metadata.version(package)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
 
 
 if __name__ == "__main__":
