@@ -28,7 +28,7 @@ class PrecisionList(click.ParamType):
     def __init__(self, choices):
         self.choices = tuple(choices)
 
-    def get_metavar(self, param, *args) -> str:
+    def get_metavar(self, param, *args, **kwargs) -> str:  # click 8.2+ passes ctx, by keyword since 8.5
         return "[" + ",".join(self.choices) + "]"
 
     def convert(self, value, param, ctx):
