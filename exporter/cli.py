@@ -516,6 +516,94 @@ def fill_mask(bundle, text, top_k, precision, device, engine, as_json) -> None:
             click.echo(f"  {guess['token_str']:<8} {guess['score']:.4f}")
 
 
+def _repository_options(fn):
+    """Options of the Triton model repository, for `triton` and `serve`."""
+    from utr_runtime.serving import CAPABILITIES, MAX_LENGTH
+
+    options = [
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                     help="int8: the fast CPU path; bf16: OpenVINO on CPUs with native bf16."),
+        click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+                     help="cpu: KIND_CPU instances; cuda or tensorrt: KIND_GPU, one GPU per instance."),
+        _engine_option,
+        click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True, help="Model instances (processes) per model."),
+        click.option("--threads", type=click.IntRange(1), help="Engine threads per instance [default: the cores divided among the instances]."),
+        click.option("--max-batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
+                     help="Sequences Triton batches into one execution (and the most one request may send)."),
+        click.option("--max-queue-delay-us", type=click.IntRange(0), default=2000, show_default=True,
+                     help="How long the dynamic batcher waits for more requests to batch."),
+        click.option("--max-length", type=click.IntRange(1), default=MAX_LENGTH, show_default=True, help="Longest sequence (nt) a request may send."),
+        click.option("--model", "models", type=click.Choice(CAPABILITIES), multiple=True,
+                     help="Serve only this capability, repeatable [default: every one the bundle has: embed, predict, fill_mask]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _repository(precision, device, engine, instances, threads, max_batch_size, max_queue_delay_us, max_length, models):
+    from .triton import RepositoryOptions
+
+    return RepositoryOptions(precision=precision, engine=engine, device=device, threads=threads, instances=instances, max_batch_size=max_batch_size,
+                             max_queue_delay_us=max_queue_delay_us, max_length=max_length, capabilities=list(models))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=str), help="Model repository folder to write.")
+@click.option("--force", is_flag=True, help="Replace a repository utrexport wrote before.")
+@_repository_options
+@_fail_cleanly
+def triton(bundle, output, force, **options) -> None:
+    """Write a Triton Inference Server model repository that serves BUNDLE (Python backend; NumPy and the engine)."""
+    from .triton import write_repository
+
+    names = write_repository(bundle, output, _repository(**options), force=force)
+    click.echo(f"Triton model repository written to {output}: models {', '.join(names)}")
+    click.echo(f"run it with: tritonserver --model-repository={output}   (or: utrexport serve {bundle})")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
+@click.option("--tritonserver", type=click.Path(dir_okay=False, path_type=str),
+              help="The tritonserver to run [default: the one on PATH, else the server environment's].")
+@click.option("--server-env", type=click.Path(file_okay=False, path_type=str),
+              help="The server environment (made on first use) [default: $UTREXPORT_SERVER_ENV, else ~/.cache/utrexport/triton-server].")
+@click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True, help="Seconds to wait for the server to be ready.")
+@_repository_options
+@_fail_cleanly
+def serve(bundle, http_port, grpc_port, metrics_port, tritonserver, server_env, timeout, **options) -> None:
+    """Serve BUNDLE on Triton Inference Server (KServe v2 over HTTP and gRPC, dynamic batching, health, metrics) until
+    Ctrl-C or SIGTERM."""
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    from . import triton
+
+    ports = triton.Ports(http_port, grpc_port, metrics_port)
+    with tempfile.TemporaryDirectory(prefix="utrexport-serve-") as scratch:
+        names = triton.write_repository(bundle, Path(scratch) / "models", _repository(**options))
+        server = triton.find_server(tritonserver, server_env, _log)
+        _log(f"starting {server.binary} on models {', '.join(names)} ({options['precision']}, engine {options['engine']}, device {options['device']})")
+        process = triton.start(server, Path(scratch) / "models", ports)
+        signal.signal(signal.SIGINT, _terminated)  # Ctrl-C and SIGTERM both stop the server below, and leave nothing behind
+        try:
+            triton.wait_ready(process, http_port, timeout)
+            click.echo(f"serving {', '.join(names)}: HTTP http://localhost:{http_port}/v2/models/{names[0]}/infer, gRPC localhost:{grpc_port}, "
+                       f"metrics http://localhost:{metrics_port}/metrics; Ctrl-C stops", err=True)
+            code = process.wait()
+            raise CommandError(f"tritonserver exited with status {code}")
+        except SystemExit:  # the signal: a normal end
+            _log("stopping the server")
+        finally:
+            triton.stop(process)
+    _log("stopped")
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=str))
 @click.option("--shapes", default="1x128,1x512,8x128,32x512", show_default=True, help="Comma-separated BATCHxTOKENS shapes.")

@@ -1,0 +1,225 @@
+"""Serve a bundle: what a server's model does with one batch of requests.
+
+A server hands its model every request that arrived within the queue delay (Triton's dynamic batcher). `Service.run`
+flattens the sequences of all of them into one `embed`/`predict` call, so requests share the runtime's token-budget
+batches and windows, and splits the answers back per request. A request whose input cannot be run (not UTF-8, empty,
+shorter than k, over `max_length`, a foreign letter with strict on, an unknown parameter) gets its own one-line
+error; the rest of the batch is answered and the server stays up.
+
+`TritonPythonModel` adapts `Service` to Triton's Python backend: the model.py that `utrexport triton` writes is
+that class and nothing more. The interface (names, shapes, parameters) is `interface()`, which the repository
+writer turns into config.pbtxt, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import UtrError
+
+CAPABILITIES = ("embed", "predict", "fill_mask")
+MAX_LENGTH = 100_000  # nt per sequence a server takes by default: longer than any human 3'UTR, far from exhausting memory
+# Request parameters each capability takes: name -> allowed values (None: a positive integer); the first is the default.
+PARAMETERS = {
+    "embed": {"pooling": ("mean", "cls"), "truncation": (False, True), "strict": (False, True)},
+    "predict": {"logits": (False, True), "aggregate": ("mean", "max"), "strict": (False, True)},
+    "fill_mask": {"top_k": None},
+}
+TOP_K = 5
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One input or output of a served model: Triton's name, data type and dims (without the batch axis)."""
+
+    name: str
+    dtype: str  # Triton's TYPE_* without the prefix: FP32, INT32, STRING
+    dims: tuple[int, ...]
+
+
+def interface(capability: str, hidden_size: int, task: dict | None) -> tuple[list[Tensor], list[Tensor]]:
+    """Inputs and outputs of the model serving `capability` (dims per sequence; -1 varies with the request)."""
+    if capability == "embed":
+        return [Tensor("sequence", "STRING", (1,))], [Tensor("embedding", "FP32", (hidden_size,))]
+    if capability == "predict":
+        labels = int(task["num_labels"])
+        if task["level"] == "sequence":
+            return [Tensor("sequence", "STRING", (1,))], [Tensor("predictions", "FP32", (labels,))]
+        dims = (-1, labels) if task["level"] == "nucleotide" else (-1, -1, labels)
+        return [Tensor("sequence", "STRING", (1,))], [Tensor("predictions", "FP32", dims), Tensor("length", "INT32", (1,))]
+    if capability == "fill_mask":
+        return [Tensor("text", "STRING", (1,))], [Tensor("scores", "FP32", (-1, -1)), Tensor("token_ids", "INT32", (-1, -1)),
+                                                   Tensor("tokens", "STRING", (-1, -1)), Tensor("sequences", "STRING", (-1, -1)),
+                                                   Tensor("num_masks", "INT32", (1,))]
+    raise UtrError(f"unknown capability {capability!r}; choose one of {', '.join(CAPABILITIES)}")
+
+
+def capabilities(task: dict | None, has_lm_head: bool) -> list[str]:
+    """What a bundle can serve: embeddings always, predictions with a task head, fill-mask with an MLM head."""
+    return ["embed"] + (["predict"] if task else []) + (["fill_mask"] if has_lm_head else [])
+
+
+class RequestError(UtrError):
+    """What is wrong with one request: it alone is answered with this message."""
+
+
+class Service:
+    """One capability of a loaded model, answering batches of requests: `run([(texts, parameters), ...])`."""
+
+    def __init__(self, model, capability: str, max_length: int = MAX_LENGTH):
+        if capability not in capabilities(model.task, model.bundle.has_lm_head):
+            raise UtrError(f"this bundle cannot serve {capability!r}: it serves {', '.join(capabilities(model.task, model.bundle.has_lm_head))}")
+        self.model, self.capability, self.max_length = model, capability, max_length
+        self.outputs = interface(capability, model.hidden_size, model.task)[1]
+
+    def run(self, requests: Sequence[tuple[Sequence[Any], dict]]) -> list[dict[str, np.ndarray] | RequestError]:
+        """For each (texts, parameters) request, its outputs ((n, ...) arrays, n = len(texts)) or its error."""
+        answers: list[dict[str, np.ndarray] | RequestError | None] = [None] * len(requests)
+        groups: dict[tuple, list[tuple[int, list[str]]]] = {}  # requests with the same options run as one call
+        for i, (texts, parameters) in enumerate(requests):
+            try:
+                options = self._options(parameters)
+                groups.setdefault(tuple(sorted(options.items())), []).append((i, self._texts(texts, options)))
+            except RequestError as e:
+                answers[i] = e
+        for options, members in groups.items():
+            try:
+                results = self._call([t for _, texts in members for t in texts], dict(options))
+            except UtrError as e:  # an engine's failure fails the requests of this call, never the server
+                results = [RequestError(str(e))] * sum(len(texts) for _, texts in members)
+            start = 0
+            for i, texts in members:
+                answers[i] = self._pack(results[start : start + len(texts)])
+                start += len(texts)
+        return answers
+
+    def _options(self, parameters: dict) -> dict:
+        allowed = PARAMETERS[self.capability]
+        unknown = sorted(set(parameters) - set(allowed))
+        if unknown:
+            raise RequestError(f"unknown parameter {unknown[0]!r}; {self.capability} takes {', '.join(allowed)}")
+        options = {}
+        for name, values in allowed.items():
+            value = parameters.get(name, TOP_K if values is None else values[0])
+            if values is None:
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.model.tokenizer.vocab_size:
+                    raise RequestError(f"parameter {name} must be an integer from 1 to {self.model.tokenizer.vocab_size}, got {value!r}")
+            else:
+                if isinstance(values[0], bool) and value in ("true", "false"):  # KServe parameters may carry booleans as text
+                    value = value == "true"
+                if value not in values or type(value) is not type(values[0]):
+                    raise RequestError(f"parameter {name} must be one of {', '.join(json.dumps(v) for v in values)}, got {json.dumps(value)}")
+            options[name] = value
+        return options
+
+    def _texts(self, texts: Sequence[Any], options: dict) -> list[str]:
+        """The request's sequences as text, each checked as the runtime would (fill-mask texts: when run)."""
+        decoded = []
+        for j, text in enumerate(texts):
+            try:
+                text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+            except UnicodeDecodeError as e:
+                raise RequestError(f"sequence {j}: not UTF-8 text (byte {e.start})") from None
+            if len(text) > self.max_length:
+                raise RequestError(f"sequence {j}: {len(text):,} characters, more than this server's max_length of {self.max_length:,}")
+            decoded.append(text)
+        if self.capability != "fill_mask":
+            problem = next(((j, p) for j, p in enumerate(self.model.problems(decoded, options["strict"], self.model.max_kmers)) if p), None)
+            if problem:
+                raise RequestError(f"sequence {problem[0]}: {problem[1]}")
+        return decoded
+
+    def _call(self, texts: list[str], options: dict) -> list:
+        """One result per text: the runtime's answer for it, or a RequestError (fill-mask runs text by text)."""
+        if self.capability == "embed":
+            return list(self.model.embed(texts, **options))
+        if self.capability == "predict":
+            return list(self.model.predict(texts, **options))
+        results = []
+        for text in texts:
+            try:
+                answer = self.model.fill_mask(text, top_k=options["top_k"])
+                results.append(answer if answer and isinstance(answer[0], list) else [answer])
+            except UtrError as e:
+                results.append(RequestError(str(e)))
+        return results
+
+    def _pack(self, results: list) -> dict[str, np.ndarray] | RequestError:
+        """One request's results as its output arrays, padded where sequences differ in length."""
+        failed = next(((j, r) for j, r in enumerate(results) if isinstance(r, RequestError)), None)
+        if failed:
+            return failed[1] if len(results) == 1 else RequestError(f"sequence {failed[0]}: {failed[1]}")
+        if self.capability == "fill_mask":
+            return _pack_fill_mask(results)
+        if len(self.outputs) == 1:
+            return {self.outputs[0].name: np.stack(results).astype(np.float32)}
+        lengths = np.array([[len(r)] for r in results], np.int32)
+        padded = np.zeros((len(results),) + tuple(max(r.shape[a] for r in results) for a in range(results[0].ndim)), np.float32)
+        for j, r in enumerate(results):
+            padded[(j,) + tuple(slice(0, n) for n in r.shape)] = r
+        return {"predictions": padded, "length": lengths}
+
+
+def _pack_fill_mask(answers: list[list[list[dict]]]) -> dict[str, np.ndarray]:
+    """Fill-mask answers (per text: per mask: top_k guesses) as (n, masks, top_k) arrays; a text with fewer masks
+    than the request's most is padded with score NaN, token id -1 and empty strings."""
+    masks, top_k = max(len(a) for a in answers), len(answers[0][0])
+    out = {"scores": np.full((len(answers), masks, top_k), np.nan, np.float32), "token_ids": np.full((len(answers), masks, top_k), -1, np.int32),
+           "tokens": np.full((len(answers), masks, top_k), b"", object), "sequences": np.full((len(answers), masks, top_k), b"", object),
+           "num_masks": np.array([[len(a)] for a in answers], np.int32)}
+    for j, answer in enumerate(answers):
+        for m, guesses in enumerate(answer):
+            for g, guess in enumerate(guesses):
+                out["scores"][j, m, g] = guess["score"]
+                out["token_ids"][j, m, g] = guess["token"]
+                out["tokens"][j, m, g] = guess["token_str"].encode()
+                out["sequences"][j, m, g] = guess["sequence"].encode()
+    return out
+
+
+class TritonPythonModel:
+    """Triton's Python backend model (the repository's model.py): one instance loads the bundle once.
+
+    Model parameters (config.pbtxt): capability, bundle (a folder beside model.py), precision, engine, device,
+    threads, max_length. A KIND_GPU instance sees only its own GPU (CUDA_VISIBLE_DEVICES, set before any engine starts).
+    """
+
+    def initialize(self, args: dict) -> None:
+        import triton_python_backend_utils as pb
+
+        from .model import load
+
+        self.pb = pb
+        config = json.loads(args["model_config"])
+        parameters = {name: p["string_value"] for name, p in config.get("parameters", {}).items()}
+        if args.get("model_instance_kind") == "GPU":
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(args["model_instance_device_id"])
+        here = os.path.join(args["model_repository"], args["model_version"])
+        threads = int(parameters.get("threads") or 0) or None
+        model = load(os.path.join(here, parameters.get("bundle", "bundle")), precision=parameters.get("precision", "fp32"),
+                     device=parameters.get("device", "cpu"), threads=threads, engine=parameters.get("engine", "auto"))
+        self.service = Service(model, parameters["capability"], int(parameters.get("max_length") or MAX_LENGTH))
+        self.input = interface(self.service.capability, model.hidden_size, model.task)[0][0].name
+
+    def execute(self, requests):
+        pb = self.pb
+        batch = []
+        for request in requests:
+            texts = pb.get_input_tensor_by_name(request, self.input).as_numpy().reshape(-1)
+            try:
+                parameters = json.loads(request.parameters() or "{}")
+            except ValueError:
+                parameters = {}
+            batch.append((list(texts), parameters))
+        responses = []
+        for answer in self.service.run(batch):
+            if isinstance(answer, RequestError):
+                responses.append(pb.InferenceResponse(error=pb.TritonError(str(answer))))
+            else:
+                responses.append(pb.InferenceResponse([pb.Tensor(name, array) for name, array in answer.items()]))
+        return responses
