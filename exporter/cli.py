@@ -549,52 +549,63 @@ def _repository(precision, device, engine, instances, threads, max_batch_size, m
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=str))
+@click.argument("bundles", metavar="BUNDLE...", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=str), help="Model repository folder to write.")
 @click.option("--force", is_flag=True, help="Replace a repository utrexport wrote before.")
 @_repository_options
 @_fail_cleanly
-def triton(bundle, output, force, **options) -> None:
-    """Write a Triton Inference Server model repository that serves BUNDLE (Python backend; NumPy and the engine)."""
+def triton(bundles, output, force, **options) -> None:
+    """Write a Triton Inference Server model repository serving one or more bundles (Python backend: the server needs
+    NumPy and the engine only). One bundle's models are named embed, predict, fill_mask; several bundles' names start
+    with the bundle's folder name."""
     from .triton import write_repository
 
-    names = write_repository(bundle, output, _repository(**options), force=force)
+    names = write_repository(bundles, output, _repository(**options), force=force)
     click.echo(f"Triton model repository written to {output}: models {', '.join(names)}")
-    click.echo(f"run it with: tritonserver --model-repository={output}   (or: utrexport serve {bundle})")
+    click.echo(f"run it with: tritonserver --model-repository={output}   (or: utrexport serve {' '.join(bundles)})")
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=str))
+@click.argument("bundles", metavar="BUNDLE...", nargs=-1, type=click.Path(path_type=str))
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address the HTTP, gRPC and metrics endpoints listen on (127.0.0.1: this machine only).")
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
 @click.option("--tritonserver", type=click.Path(dir_okay=False, path_type=str),
               help="The tritonserver to run [default: the one on PATH, else the server environment's].")
 @click.option("--server-env", type=click.Path(file_okay=False, path_type=str),
-              help="The server environment (made on first use) [default: $UTREXPORT_SERVER_ENV, else ~/.cache/utrexport/triton-server].")
+              help="The server environment, made on first use [default: $UTREXPORT_SERVER_ENV, else ~/.cache/utrexport/triton-server].")
+@click.option("--setup", is_flag=True, help="Only make the server environment (if it is not made yet), then exit.")
 @click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True, help="Seconds to wait for the server to be ready.")
 @_repository_options
 @_fail_cleanly
-def serve(bundle, http_port, grpc_port, metrics_port, tritonserver, server_env, timeout, **options) -> None:
-    """Serve BUNDLE on Triton Inference Server (KServe v2 over HTTP and gRPC, dynamic batching, health, metrics) until
-    Ctrl-C or SIGTERM."""
+def serve(bundles, host, http_port, grpc_port, metrics_port, tritonserver, server_env, setup, timeout, **options) -> None:
+    """Serve bundles on Triton Inference Server (KServe v2 over HTTP and gRPC, dynamic batching, health, metrics)
+    until Ctrl-C or SIGTERM. Without a tritonserver on PATH, it runs the one of a server environment it makes once."""
     import signal
     import tempfile
     from pathlib import Path
 
     from . import triton
 
+    if setup:
+        server = triton.find_server(tritonserver, server_env, _log)
+        click.echo(f"server ready: {server.binary}")
+        return
+    if not bundles:
+        raise CommandError("name at least one BUNDLE to serve (or pass --setup)")
     ports = triton.Ports(http_port, grpc_port, metrics_port)
     with tempfile.TemporaryDirectory(prefix="utrexport-serve-") as scratch:
-        names = triton.write_repository(bundle, Path(scratch) / "models", _repository(**options))
+        names = triton.write_repository(bundles, Path(scratch) / "models", _repository(**options))
         server = triton.find_server(tritonserver, server_env, _log)
         _log(f"starting {server.binary} on models {', '.join(names)} ({options['precision']}, engine {options['engine']}, device {options['device']})")
-        process = triton.start(server, Path(scratch) / "models", ports)
+        process = triton.start(server, Path(scratch) / "models", ports, host)
         signal.signal(signal.SIGINT, _terminated)  # Ctrl-C and SIGTERM both stop the server below, and leave nothing behind
         try:
-            triton.wait_ready(process, http_port, timeout)
-            click.echo(f"serving {', '.join(names)}: HTTP http://localhost:{http_port}/v2/models/{names[0]}/infer, gRPC localhost:{grpc_port}, "
-                       f"metrics http://localhost:{metrics_port}/metrics; Ctrl-C stops", err=True)
+            triton.wait_ready(process, host, http_port, timeout)
+            shown = "localhost" if host in ("0.0.0.0", "::") else host
+            click.echo(f"serving {', '.join(names)}: HTTP http://{shown}:{http_port}/v2/models/{names[0]}/infer, gRPC {shown}:{grpc_port}, "
+                       f"metrics http://{shown}:{metrics_port}/metrics; Ctrl-C stops", err=True)
             code = process.wait()
             raise CommandError(f"tritonserver exited with status {code}")
         except SystemExit:  # the signal: a normal end

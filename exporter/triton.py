@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,8 @@ from pathlib import Path
 import utr_runtime
 from utr_runtime import serving
 from utr_runtime.errors import UtrError
+
+from .writers import current_umask
 
 MARKER = "utrexport-repository.json"  # what `--force` may replace, and what was written
 # The server environment: the tritonserver that nvidia-pytriton ships (Python backend only) and the runtime's needs.
@@ -66,21 +69,43 @@ class RepositoryOptions:
     capabilities: list[str] = field(default_factory=list)  # empty: all the bundle has
 
 
-def write_repository(bundle: str | os.PathLike, output: str | os.PathLike, options: RepositoryOptions, force: bool = False) -> list[str]:
-    """Write a Triton model repository for `bundle` at `output` (aside, then renamed into place); the models' names."""
+def write_repository(bundles, output: str | os.PathLike, options: RepositoryOptions, force: bool = False) -> list[str]:
+    """Write a Triton model repository serving `bundles` (one folder, or several) at `output`, aside and then renamed
+    into place; returns the models' names. One bundle's models are named by capability (embed, predict, fill_mask);
+    with several, each name starts with its bundle's folder name (classifier_predict)."""
     output = Path(output)
-    checked = _checked_bundle(bundle, options)
+    bundles = [bundles] if isinstance(bundles, (str, os.PathLike)) else list(bundles)
+    checked = [_checked_bundle(b, options) for b in bundles]
+    names = model_names(checked, options)
     _check_output(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
     try:
-        names = _write_into(work, checked, options)
+        os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes it 0700: a server running as another user must read it
+        for bundle, models in zip(checked, names):
+            _write_models(work, bundle, models, options)
+        record = {"bundles": [str(b.path.resolve()) for b in checked], "models": [n for models in names for n in models],
+                  "options": {k: v for k, v in vars(options).items() if k != "capabilities"}, "utrexport": utr_runtime.__version__}
+        (work / MARKER).write_text(json.dumps(record, indent=1) + "\n")
         if output.exists():
             shutil.rmtree(output)
         os.replace(work, output)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    return record["models"]
+
+
+def model_names(bundles: list[utr_runtime.Bundle], options: RepositoryOptions) -> list[dict[str, str]]:
+    """For each bundle, its models' names by capability."""
+    names = []
+    for bundle in bundles:
+        served = options.capabilities or serving.capabilities(bundle.task, bundle.has_lm_head)
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", bundle.path.resolve().name)
+        names.append({c: c if len(bundles) == 1 else f"{stem}_{c}" for c in served})
+    flat = [n for models in names for n in models.values()]
+    if len(set(flat)) < len(flat):
+        raise ServeError("two bundles have the same folder name, so their models would have the same names: rename one folder")
     return names
 
 
@@ -108,38 +133,32 @@ def _check_output(output: Path, force: bool) -> None:
         raise ServeError(f"{output} is not a repository utrexport wrote; --force replaces those only: choose another output")
 
 
-def _write_into(work: Path, bundle: utr_runtime.Bundle, options: RepositoryOptions) -> list[str]:
+def _write_models(work: Path, bundle: utr_runtime.Bundle, models: dict[str, str], options: RepositoryOptions) -> None:
+    """One model folder per capability: config.pbtxt, and 1/ with model.py, the runtime and the bundle."""
     hidden = int(bundle.manifest["model"]["config"]["hidden_size"])
-    names = options.capabilities or serving.capabilities(bundle.task, bundle.has_lm_head)
     runtime = Path(utr_runtime.__file__).parent
     first = None
-    for name in names:
+    for capability, name in models.items():
         version = work / name / "1"
         version.mkdir(parents=True)
-        (work / name / "config.pbtxt").write_text(model_config(name, hidden, bundle.task, options))
+        (work / name / "config.pbtxt").write_text(model_config(name, capability, hidden, bundle.task, options))
         (version / "model.py").write_text(MODEL_PY)
         shutil.copytree(runtime, version / "utr_runtime", ignore=shutil.ignore_patterns("__pycache__"))
-        _link_tree(first or bundle.path, version / "bundle", bundle.manifest["files"].keys() if first is None else None)
+        _link_tree(first or bundle.path, version / "bundle", ["manifest.json", *bundle.manifest["files"]])
         first = first or version / "bundle"
-    record = {"bundle": str(bundle.path.resolve()), "models": names, "options": {k: v for k, v in vars(options).items() if k != "capabilities"},
-              "utrexport": utr_runtime.__version__}
-    (work / MARKER).write_text(json.dumps(record, indent=1) + "\n")
-    return names
 
 
-def _link_tree(source: Path, target: Path, names=None) -> None:
-    """Copy the bundle's files (the manifest and every file it lists; hard links where the filesystem allows)."""
+def _link_tree(source: Path, target: Path, names: list[str]) -> None:
+    """The bundle's manifest and the files it lists, as hard links where the filesystem allows (else copies)."""
     target.mkdir()
-    for name in ["manifest.json", *(names if names is not None else (p.name for p in source.iterdir()))]:
-        if (target / name).exists():
-            continue
+    for name in names:
         try:
             os.link(source / name, target / name)
         except OSError:
             shutil.copy2(source / name, target / name)
 
 
-def model_config(capability: str, hidden_size: int, task: dict | None, options: RepositoryOptions) -> str:
+def model_config(name: str, capability: str, hidden_size: int, task: dict | None, options: RepositoryOptions) -> str:
     """config.pbtxt of one model: its interface (utr_runtime.serving.interface), batching, instances, parameters."""
     inputs, outputs = serving.interface(capability, hidden_size, task)
 
@@ -150,7 +169,7 @@ def model_config(capability: str, hidden_size: int, task: dict | None, options: 
     parameters = {"capability": capability, "bundle": "bundle", "precision": options.precision, "engine": options.engine,
                   "device": options.device, "threads": str(options.threads or ""), "max_length": str(options.max_length)}
     lines = [
-        f'name: "{capability}"',
+        f'name: "{name}"',
         'backend: "python"',
         f"max_batch_size: {options.max_batch_size}",
         f"input [\n{tensors(inputs)}\n]",
@@ -243,26 +262,41 @@ class Ports:
     metrics: int = 8002
 
 
-def start(server: Server, repository: Path, ports: Ports, log_file=None) -> subprocess.Popen:
-    """tritonserver on `repository`, in a process group of its own (its model stubs are its children)."""
+def start(server: Server, repository: Path, ports: Ports, host: str = "0.0.0.0", log_file=None) -> subprocess.Popen:
+    """tritonserver on `repository`, in a process group of its own (its model stubs are its children), ended by the
+    kernel if this process dies first."""
     command = [str(server.binary), f"--model-repository={repository}", f"--http-port={ports.http}", f"--grpc-port={ports.grpc}",
-               f"--metrics-port={ports.metrics}", "--exit-on-error=true", "--disable-auto-complete-config", "--strict-readiness=true"]
+               f"--metrics-port={ports.metrics}", f"--http-address={host}", f"--grpc-address={host}", f"--metrics-address={host}",
+               "--exit-on-error=true", "--disable-auto-complete-config", "--strict-readiness=true"]
     if server.backends:
         command.append(f"--backend-directory={server.backends}")
     try:
-        return subprocess.Popen(command, env=server.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(command, env=server.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_end_with_parent)
     except OSError as e:
         raise ServeError(f"{server.binary}: cannot start it ({e.strerror})") from None
 
 
-def wait_ready(process: subprocess.Popen, http_port: int, timeout: float = 600.0) -> None:
+def _end_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (even by SIGKILL), so no server outlives `serve` (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def wait_ready(process: subprocess.Popen, host: str, http_port: int, timeout: float = 600.0) -> None:
     """Until the server answers ready on HTTP; an error if it exits or takes longer than `timeout` seconds."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    address = f"[{host}]" if ":" in host else host
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ServeError(f"tritonserver exited with status {process.returncode} before it was ready")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2) as answer:
+            with urllib.request.urlopen(f"http://{address}:{http_port}/v2/health/ready", timeout=2) as answer:
                 if answer.status == 200:
                     return
         except OSError:

@@ -102,7 +102,7 @@ class _Atomic:
             raise UtrError(f"{path.parent}: no such folder for the output")
         self.path = path
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; the output gets what a plain open would give
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; the output gets what a plain open would give
         self.partial = Path(name)
         self.file = os.fdopen(fd, "w+b")
         self.rows = 0
@@ -182,7 +182,7 @@ class NumpyWriter(_Atomic):
         super().abort()
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it: put it straight back
     os.umask(mask)
     return mask

@@ -65,7 +65,12 @@ def capabilities(task: dict | None, has_lm_head: bool) -> list[str]:
 
 
 class RequestError(UtrError):
-    """What is wrong with one request: it alone is answered with this message."""
+    """What is wrong with one request: it alone is answered with this message (HTTP 400; `internal`: the server's
+    fault, such as an engine failure, HTTP 500)."""
+
+    def __init__(self, message: str, internal: bool = False):
+        super().__init__(message)
+        self.internal = internal
 
 
 class Service:
@@ -91,7 +96,7 @@ class Service:
             try:
                 results = self._call([t for _, texts in members for t in texts], dict(options))
             except UtrError as e:  # an engine's failure fails the requests of this call, never the server
-                results = [RequestError(str(e))] * sum(len(texts) for _, texts in members)
+                results = [RequestError(str(e), internal=True)] * sum(len(texts) for _, texts in members)
             start = 0
             for i, texts in members:
                 answers[i] = self._pack(results[start : start + len(texts)])
@@ -119,6 +124,8 @@ class Service:
 
     def _texts(self, texts: Sequence[Any], options: dict) -> list[str]:
         """The request's sequences as text, each checked as the runtime would (fill-mask texts: when run)."""
+        if not len(texts):
+            raise RequestError("no sequences in the request")
         decoded = []
         for j, text in enumerate(texts):
             try:
@@ -153,7 +160,7 @@ class Service:
         """One request's results as its output arrays, padded where sequences differ in length."""
         failed = next(((j, r) for j, r in enumerate(results) if isinstance(r, RequestError)), None)
         if failed:
-            return failed[1] if len(results) == 1 else RequestError(f"sequence {failed[0]}: {failed[1]}")
+            return failed[1] if len(results) == 1 else RequestError(f"sequence {failed[0]}: {failed[1]}", failed[1].internal)
         if self.capability == "fill_mask":
             return _pack_fill_mask(results)
         if len(self.outputs) == 1:
@@ -190,6 +197,8 @@ class TritonPythonModel:
     """
 
     def initialize(self, args: dict) -> None:
+        import warnings
+
         import triton_python_backend_utils as pb
 
         from .model import load
@@ -197,14 +206,22 @@ class TritonPythonModel:
         self.pb = pb
         config = json.loads(args["model_config"])
         parameters = {name: p["string_value"] for name, p in config.get("parameters", {}).items()}
+        instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
         if args.get("model_instance_kind") == "GPU":
             os.environ["CUDA_VISIBLE_DEVICES"] = str(args["model_instance_device_id"])
+            threads = int(parameters.get("threads") or 0) or None
+        else:  # instances are processes: by default each takes its share of the cores, not all of them
+            threads = int(parameters.get("threads") or 0) or max(1, (os.cpu_count() or 1) // instances)
         here = os.path.join(args["model_repository"], args["model_version"])
-        threads = int(parameters.get("threads") or 0) or None
-        model = load(os.path.join(here, parameters.get("bundle", "bundle")), precision=parameters.get("precision", "fp32"),
-                     device=parameters.get("device", "cpu"), threads=threads, engine=parameters.get("engine", "auto"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = load(os.path.join(here, parameters.get("bundle", "bundle")), precision=parameters.get("precision", "fp32"),
+                         device=parameters.get("device", "cpu"), threads=threads, engine=parameters.get("engine", "auto"))
+        for warning in caught:
+            pb.Logger.log_warn(f"{args['model_name']}: {warning.message}")
         self.service = Service(model, parameters["capability"], int(parameters.get("max_length") or MAX_LENGTH))
         self.input = interface(self.service.capability, model.hidden_size, model.task)[0][0].name
+        pb.Logger.log_info(f"{args['model_instance_name']}: {model!r}, {threads or 'default'} threads")
 
     def execute(self, requests):
         pb = self.pb
@@ -219,7 +236,8 @@ class TritonPythonModel:
         responses = []
         for answer in self.service.run(batch):
             if isinstance(answer, RequestError):
-                responses.append(pb.InferenceResponse(error=pb.TritonError(str(answer))))
+                code = pb.TritonError.INTERNAL if answer.internal else pb.TritonError.INVALID_ARG
+                responses.append(pb.InferenceResponse(error=pb.TritonError(str(answer), code)))
             else:
                 responses.append(pb.InferenceResponse([pb.Tensor(name, array) for name, array in answer.items()]))
         return responses
