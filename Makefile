@@ -26,7 +26,12 @@ NODE_MODULES := clients/node/node_modules/.package-lock.json
 $(NODE_MODULES): clients/node/package.json clients/node/package-lock.json
 	cd clients/node && ONNXRUNTIME_NODE_INSTALL_CUDA=skip npm ci --no-audit --no-fund --loglevel=error
 
-test: $(VENV)/.installed $(NODE_MODULES)
+# The Triton server's own environment (utrexport serve makes it once; tests/test_serving.py runs a real tritonserver).
+export UTREXPORT_SERVER_ENV := $(CURDIR)/.cache/triton-server
+$(UTREXPORT_SERVER_ENV)/ready: | $(VENV)/.installed
+	$(BIN)/utrexport serve --setup
+
+test: $(VENV)/.installed $(NODE_MODULES) $(UTREXPORT_SERVER_ENV)/ready
 	$(BIN)/python -m pytest
 
 # The TensorRT stand-in the tests use, against the real Python bindings of each supported TensorRT and cuda-python

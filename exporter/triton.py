@@ -202,7 +202,8 @@ def find_server(tritonserver: str | None, server_env: str | os.PathLike | None, 
             raise ServeError(f"{given}: not an executable tritonserver")
         return Server(Path(given), None, dict(os.environ))
     env = Path(server_env or os.environ.get(SERVER_ENV_VARIABLE) or Path.home() / ".cache" / "utrexport" / "triton-server")
-    if not (env / "ready").is_file():
+    ready = env / "ready"
+    if not ready.is_file() or ready.read_text().split() != list(SERVER_PACKAGES):  # none yet, or made for other versions
         make_server_env(env, log)
     return _server_in(env)
 

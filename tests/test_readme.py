@@ -31,6 +31,10 @@ NOT_RUN = {
     "make tensorrt-api": "downloads about 60 MB of TensorRT and cuda-python wheels and needs a C compiler (run by hand)",
     "ray start": "starts a Ray cluster that outlives the command (the local --ray run below starts and stops its own)",
     "--ray auto": "joins a running Ray cluster",
+    "utrexport serve": "serves until stopped (tests/test_serving.py runs serve, and the requests below against it)",
+    "curl ": "needs the server above (tests/test_serving.py runs these requests against one)",
+    "tritonclient": "needs the server above (tests/test_serving.py runs this example against one)",
+    "docker run": "needs Docker, NVIDIA's Triton container and a GPU",
 }
 LINKED = ("calibration", "tests", "benchmarks", "docs", "clients")
 

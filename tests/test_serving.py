@@ -420,16 +420,19 @@ def test_the_readme_requests_work(tmp_path_factory, bundles):
     try:
         ran = 0
         for language, text in readme_serve_examples():
-            text = text.replace("localhost:8000", f"localhost:{served.http}").replace("localhost:8001", f"localhost:{served.grpc}")
+            for port, ours in ((8000, served.http), (8001, served.grpc), (8002, served.metrics)):
+                text = text.replace(f"localhost:{port}", f"localhost:{ours}")
             if language == "bash":
                 for command in [line for line in text.splitlines() if line.startswith("curl")]:
                     done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
-                    assert done.returncode == 0 and '"embedding"' in done.stdout, (command, done.stdout[-500:], done.stderr[-500:])
+                    assert done.returncode == 0 and done.stdout.strip(), (command, done.stderr[-500:])
+                    assert "/infer" not in command or '"embedding"' in done.stdout, done.stdout[-500:]
+                    assert "health" not in command or (done.stdout.startswith("200\n") and 'nv_inference_request_success{model="embed"' in done.stdout), done.stdout[-500:]
                     ran += 1
             elif "tritonclient" in text:
                 done = subprocess.run([sys.executable, "-c", text], capture_output=True, text=True, timeout=120)
-                assert done.returncode == 0, done.stderr[-2000:]
+                assert done.returncode == 0 and done.stdout.startswith("(2, 32)"), done.stderr[-2000:]
                 ran += 1
-        assert ran >= 2
+        assert ran == 3
     finally:
         served.stop()
