@@ -4,11 +4,13 @@ Inference precision is explicit, because OpenVINO's CPU plugin otherwise runs fl
 CPU has native bf16: "f32" for the fp32 and fp16 files, "bf16" for precision="bf16" (the fp32 file, bf16 inside).
 The model is compiled once per runner (about 1-2 s for a full-size model). OpenVINO can cache compiled blobs, but a
 full-size int8 blob is about 140 MB and saves about 0.7 s per load, so no cache is written.
+A runner may be shared between threads: each concurrent run has an infer request of its own.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -57,10 +59,20 @@ class OpenVinoRunner:
             self.compiled = core.compile_model(model, "CPU", config)
         except Exception as e:
             raise UtrError(f"{model_file}: OpenVINO cannot load it ({str(e).strip().splitlines()[0][:300]})") from None
-        self.request = self.compiled.create_infer_request()
+        # One infer request runs one inference at a time, and shared between threads it gave wrong answers: each
+        # run takes an idle request from this pool (made when none is idle, so as many as threads run at once).
+        self.idle = [self.compiled.create_infer_request()]
+        self.lock = threading.Lock()
         self.device = device
         self.inference_precision = inference_precision
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self.request.infer({name: feeds[name] for name in self.input_names})
-        return {name: np.array(results[port]) for name, port in zip(self.output_names, self.compiled.outputs)}
+        with self.lock:
+            request = self.idle.pop() if self.idle else self.compiled.create_infer_request()
+        try:
+            results = request.infer({name: feeds[name] for name in self.input_names})
+            # Copies: the request's output memory is reused by its next inference.
+            return {name: np.array(results[port]) for name, port in zip(self.output_names, self.compiled.outputs)}
+        finally:
+            with self.lock:
+                self.idle.append(request)

@@ -6,6 +6,8 @@ and checked before deserializing, with the command that rebuilds it.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..errors import BundleError, UtrError
@@ -141,13 +143,20 @@ class TensorRTRunner:
         self.stream = _call(self.cudart.cudaStreamCreate())
         self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes): grown, never shrunk
         self.profile = None
+        # One execution context, stream and set of buffers: threads sharing the runner take turns (the GPU runs one
+        # batch at a time anyway; a server gets concurrency from instances, each with its own runner).
+        self.lock = threading.Lock()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs for a batch, run in the row slices the engine's profiles take (see plan_profile_runs)."""
+        with self.lock:
+            return self._run(feeds)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         positions = feeds.get("mask_positions")
         if positions is not None and np.shape(positions)[1] == 0:
             # The profiles start at one mask position (empty dimensions are not relied on): run one, return none.
-            out = self.run({**feeds, "mask_positions": np.zeros((len(positions), 1), np.int64)})
+            out = self._run({**feeds, "mask_positions": np.zeros((len(positions), 1), np.int64)})
             return {**out, "logits": out["logits"][:, :0]}
         profile, slices = plan_profile_runs(self.profiles, {n: np.shape(feeds[n]) for n in self.input_names})
         parts = [self._run_once({n: feeds[n][rows] for n in self.input_names}, profile) for rows in slices]
