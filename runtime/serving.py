@@ -26,7 +26,7 @@ CAPABILITIES = ("embed", "predict", "fill_mask")
 MAX_LENGTH = 100_000  # nt per sequence a server takes by default: longer than any human 3'UTR, far from exhausting memory
 # Request parameters each capability takes: name -> allowed values (None: a positive integer); the first is the default.
 PARAMETERS = {
-    "embed": {"pooling": ("mean", "cls"), "truncation": (False, True), "strict": (False, True)},
+    "embed": {"pooling": ("mean", "cls", "tokens"), "truncation": (False, True), "strict": (False, True)},
     "predict": {"logits": (False, True), "aggregate": ("mean", "max"), "strict": (False, True)},
     "fill_mask": {"top_k": None},
 }
@@ -44,8 +44,9 @@ class Tensor:
 
 def interface(capability: str, hidden_size: int, task: dict | None) -> tuple[list[Tensor], list[Tensor]]:
     """Inputs and outputs of the model serving `capability` (dims per sequence; -1 varies with the request)."""
-    if capability == "embed":
-        return [Tensor("sequence", "STRING", (1,))], [Tensor("embedding", "FP32", (hidden_size,))]
+    if capability == "embed":  # pooling "tokens" answers `tokens` and `length` instead of `embedding`
+        return [Tensor("sequence", "STRING", (1,))], [Tensor("embedding", "FP32", (hidden_size,)), Tensor("tokens", "FP32", (-1, hidden_size)),
+                                                       Tensor("length", "INT32", (1,))]
     if capability == "predict":
         labels = int(task["num_labels"])
         if task["level"] == "sequence":
@@ -80,7 +81,6 @@ class Service:
         if capability not in capabilities(model.task, model.bundle.has_lm_head):
             raise UtrError(f"this bundle cannot serve {capability!r}: it serves {', '.join(capabilities(model.task, model.bundle.has_lm_head))}")
         self.model, self.capability, self.max_length = model, capability, max_length
-        self.outputs = interface(capability, model.hidden_size, model.task)[1]
 
     def run(self, requests: Sequence[tuple[Sequence[Any], dict]]) -> list[dict[str, np.ndarray] | RequestError]:
         """For each (texts, parameters) request, its outputs ((n, ...) arrays, n = len(texts)) or its error."""
@@ -163,13 +163,14 @@ class Service:
             return failed[1] if len(results) == 1 else RequestError(f"sequence {failed[0]}: {failed[1]}", failed[1].internal)
         if self.capability == "fill_mask":
             return _pack_fill_mask(results)
-        if len(self.outputs) == 1:
-            return {self.outputs[0].name: np.stack(results).astype(np.float32)}
-        lengths = np.array([[len(r)] for r in results], np.int32)
+        name = "embedding" if self.capability == "embed" else "predictions"
+        if results[0].ndim == 1:  # one row per sequence
+            return {name: np.stack(results).astype(np.float32)}
+        # Rows per sequence (k-mers, nucleotides, k-mer pairs): zero-padded to the request's longest, with the lengths.
         padded = np.zeros((len(results),) + tuple(max(r.shape[a] for r in results) for a in range(results[0].ndim)), np.float32)
         for j, r in enumerate(results):
             padded[(j,) + tuple(slice(0, n) for n in r.shape)] = r
-        return {"predictions": padded, "length": lengths}
+        return {"tokens" if self.capability == "embed" else name: padded, "length": np.array([[len(r)] for r in results], np.int32)}
 
 
 def _pack_fill_mask(answers: list[list[list[dict]]]) -> dict[str, np.ndarray]:

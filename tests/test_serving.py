@@ -176,14 +176,22 @@ def close(server_value, local_value) -> None:
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("pooling", ["mean", "cls", "tokens"])
 def test_embeddings_equal_in_process(server, bundles, local, protocol, pooling):
     texts = seqs(4) + [LONG]
     infer = server.infer if protocol == "http" else server.infer_grpc
     answer = infer(model_name(bundles["mlm"], "embed"), texts, {"pooling": pooling})
-    assert answer["embedding"].shape == (5, 32)
-    close(answer["embedding"], local["mlm"].embed(texts, pooling=pooling))
-    assert len(local["mlm"].embed([LONG], pooling="tokens")[0]) > 2 * 510  # the long one really spans several windows
+    expected = local["mlm"].embed(texts, pooling=pooling)
+    if pooling != "tokens":
+        assert set(answer) == {"embedding"} and answer["embedding"].shape == (5, 32)
+        close(answer["embedding"], expected)
+        return
+    assert set(answer) == {"tokens", "length"} and answer["tokens"].shape == (5, len(LONG) - 2, 32)
+    assert answer["length"].reshape(-1).tolist() == [len(t) - 2 for t in texts] == [len(e) for e in expected]
+    assert len(expected[-1]) > 2 * 510  # the long one really spans several windows
+    for row, want in zip(answer["tokens"], expected):
+        close(row[: len(want)], want)
+        assert not row[len(want):].any()  # padding is zeros
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
