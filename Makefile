@@ -2,16 +2,18 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+comma := ,
 # torch is pinned in constraints.txt (the CPU build on this machine's disk); it must be installed first.
-PIP := $(BIN)/pip install --quiet --constraint constraints.txt
+# requirements.lock: the versions `make test` was last run with (make lock), so a fresh machine gets what was tested.
+PIP := $(BIN)/pip install --quiet --constraint constraints.txt --constraint requirements.lock
 
-.PHONY: build test bench clean tensorrt-api
+.PHONY: build test bench clean tensorrt-api lock check-newest check-minimum
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+$(VENV)/.installed: pyproject.toml constraints.txt requirements.lock | $(BIN)/python
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[test]'
 	touch $@
@@ -56,3 +58,28 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) clients/node/node_modules bundles .pytest_cache .hypothesis *.egg-info build dist .cache
+
+# Dependency drift. check-newest: the newest versions the extras allow; check-minimum: the lowest versions pyproject.toml
+# declares (tests/smoke/minimums.py); each in a fresh environment, installed from a wheel of this tree, then every
+# command once (tests/smoke/commands.sh). CI runs both after the tests. torch stays the pinned CPU build in both.
+SMOKE_EXTRAS := export,onnxruntime,openvino,parquet,serve
+check-newest check-minimum: check-%:
+	rm -rf .cache/venv-$*
+	$(PYTHON) -m venv .cache/venv-$*
+	.cache/venv-$*/bin/pip install --quiet --upgrade pip
+	.cache/venv-$*/bin/pip install --quiet --constraint constraints.txt torch==2.13.0
+	$(PYTHON) tests/smoke/minimums.py $(subst $(comma), ,$(SMOKE_EXTRAS)) > .cache/minimums.txt
+	.cache/venv-$*/bin/pip install --quiet --constraint constraints.txt $(if $(filter minimum,$*),--constraint .cache/minimums.txt) '.[$(SMOKE_EXTRAS)]'
+	.cache/venv-$*/bin/pip list --format=freeze > .cache/venv-$*.versions.txt
+	tests/smoke/commands.sh .cache/venv-$*/bin
+
+# Refresh requirements.lock: the newest versions the test extras allow, in a fresh environment. Run make test after
+# it, and commit the lock with the change that needed it.
+lock:
+	rm -rf .cache/venv-lock
+	$(PYTHON) -m venv .cache/venv-lock
+	.cache/venv-lock/bin/pip install --quiet --upgrade pip
+	.cache/venv-lock/bin/pip install --quiet --constraint constraints.txt torch==2.13.0
+	.cache/venv-lock/bin/pip install --quiet --constraint constraints.txt '.[test]'
+	{ echo "# The versions make test installs (Linux x86_64, CPython 3.11): make lock rewrites this file."; \
+	  .cache/venv-lock/bin/pip freeze --exclude-editable | grep -v -i '^utrexport[ =@]' | sed 's/+cpu$$//'; } > requirements.lock

@@ -73,7 +73,7 @@ def _log(message: str) -> None:
 
 
 def _load(bundle: str, **options):
-    """utr_runtime.load, with its untrained-weights warning as one line on stderr."""
+    """utr_runtime.load, with its untrained-weights warning as one line on stderr, and what it chose."""
     import warnings
 
     import utr_runtime
@@ -84,6 +84,19 @@ def _load(bundle: str, **options):
     for warning in caught:
         _log(f"warning: {warning.message}")
     return model
+
+
+def _running(precision: str, engine: str, device: str, threads: int | None, where: str = "") -> str:
+    """What a run chose, said once at its start (engine auto, threads by default)."""
+    return f"running {precision} on {engine}{where} ({_threads(device, threads)})"
+
+
+def _threads(device: str, threads: int | None) -> str:
+    import os
+
+    if device != "cpu":
+        return device
+    return f"cpu, {threads} thread{'s' if threads != 1 else ''}" if threads else f"cpu, all {os.cpu_count()} cores"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -220,6 +233,10 @@ def verify_command(bundle, precision, device, engines) -> None:
     checked = Bundle(bundle)
     if not checked.trained:
         _log(f"warning: {bundle} holds untrained (random-init) weights: its outputs are for tests and timing, not for analysis")
+    from utr_runtime.verify import default_engines
+
+    _log(f"checking {', '.join(precision or checked.precisions)} on {', '.join(engines or default_engines(device)) if device != 'tensorrt' else 'TensorRT'}"
+         + ("" if precision or device != "cpu" else " (and bf16 where this CPU runs it)"))
     rows = verify(checked, list(precision) if precision else None, device=device, engines=list(engines) or None)
     _print_parity(rows)
     if not all(r["passed"] for r in rows):
@@ -336,8 +353,13 @@ class _Runner:
         if ray_address is None:
             self.model = _load(bundle, **load_options)
             self.bundle = self.model.bundle
+            self.choice = _running(self.model.precision, self.model.engine, self.model.device, load_options["threads"])
         else:
+            from utr_runtime.engines import choose_engine
+
             self.bundle = self._start_ray(bundle, input)
+            engine = choose_engine(load_options["engine"], load_options["device"], load_options["precision"])
+            self.choice = _running(load_options["precision"], engine, load_options["device"], load_options["threads"] or 1, " in each Ray worker")
         self.task = self.bundle.task
         if operation == "predict" and self.task is None:
             raise CommandError(f"{bundle}: {NO_TASK}")
@@ -432,15 +454,19 @@ def _stream(input: str, column: str | None, chunk: int | None, runner: _Runner, 
         skipped.append((name, reason))
 
     if input != "-":  # judged here, once: the run below meets the same records again and skips them silently
-        for _ in valid_chunks(input, column, chunk, runner.problems, judged, skip_invalid, max_length):
-            pass
+        valid = sum(len(batch) for batch in valid_chunks(input, column, chunk, runner.problems, judged, skip_invalid, max_length))
+        if not valid:
+            raise InputError(f"{label}: no valid sequences" if skipped else f"{label}: no sequences")
         judged = lambda name, reason: None  # noqa: E731
+    _log(runner.choice)  # once the input is judged: a bad record's error stays the one line
     unknown = 0
     with _Progress(_size_estimate(input)) as progress:
         for names, seqs, result in runner.results(input, column, chunk, max_length, judged, skip_invalid, progress):
             writer.write(names, result)
             progress.chunk_done(len(names), sum(map(len, seqs)))
             unknown += sum(1 for s in seqs if foreign_letter(s))
+            if progress.sequences == len(names):  # after the first chunk: the rate of this run is known
+                _suggest_faster(runner, progress.eta())
         if writer.rows == 0:
             raise InputError(f"{label}: no valid sequences" if skipped else f"{label}: no sequences")
     if skipped:
@@ -448,6 +474,21 @@ def _stream(input: str, column: str | None, chunk: int | None, runner: _Runner, 
         _log(f"skipped {len(skipped)} invalid record(s), listed in {report}")
     if unknown:
         _log(f"note: {unknown} sequences hold characters other than A, C, G, U, T, N; the k-mers holding them were read as <unk> (--strict refuses them)")
+
+
+LONG_RUN = 600.0  # seconds: a run expected to take longer hears of the bundle's int8, if it passed its parity check
+
+
+def _suggest_faster(runner: _Runner, eta: float | None) -> None:
+    """On a long fp32 or fp16 run, name the bundle's int8 and what its parity check measured. The default stays fp32
+    (the reference's own numbers): whether int8's agreement is enough is the user's call, made with the figure."""
+    if eta is None or eta < LONG_RUN or runner.load_options["precision"] not in ("fp32", "fp16") or "int8" not in runner.bundle.precisions:
+        return
+    rows = [r for r in runner.bundle.manifest.get("parity", []) if r["precision"].split("/")[0] == "int8" and r["output"] == "mean_pooled"]
+    if rows and all(r["passed"] for r in rows):
+        _log(f"note: about {eta / 60:.0f} min to go; this bundle's int8 passed its parity check (embeddings: minimum cosine "
+             f"{min(r['min_cosine'] for r in rows):.4f} against PyTorch fp32) and ran 2.1-3.5x faster than fp32 in docs/benchmarks.md "
+             "(x86 with AVX-512 VNNI): --precision int8")
 
 
 def _write_skipped(output: str, skipped: list[tuple[str, str]]) -> str:
@@ -505,6 +546,7 @@ def fill_mask(bundle, text, top_k, precision, device, engine, as_json) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", utr_runtime.InputWarning)
         answer = model.fill_mask(text, top_k=top_k)
+    _log(_running(model.precision, model.engine, model.device, None).replace("running", "ran", 1))
     for warning in caught:
         _log(f"warning: {warning.message}")
     if as_json:
@@ -677,7 +719,7 @@ class _Progress:
         self.bar = tqdm(total=total, unit="nt", unit_scale=True, dynamic_ncols=True, file=sys.stderr, disable=not self.live,
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} nt [{elapsed}<{remaining}, {rate_fmt}]{postfix}" if total else None)
         self.total, self.start, self.last_log = total, time.monotonic(), time.monotonic()
-        self.nt = self.sequences = self.pending = 0
+        self.nt = self.sequences = self.pending = self.pending_sequences = 0
 
     def __enter__(self):
         return self
@@ -687,20 +729,32 @@ class _Progress:
         if not self.live and self.sequences and exc[0] is None:
             self._log_line(final=True)
 
-    def advance(self, rows: int) -> None:
-        """A batch finished `rows` k-mers (about as many nucleotides)."""
+    def advance(self, rows: int, sequences: int = 0) -> None:
+        """A batch finished `rows` k-mers (about as many nucleotides) and completed `sequences`."""
         self.pending += rows
+        self.pending_sequences += sequences
         self.bar.update(rows)
+        self.bar.set_postfix_str(f"{self.sequences + self.pending_sequences:,} sequences", refresh=False)
         self._maybe_log()
 
     def chunk_done(self, sequences: int, nucleotides: int) -> None:
         """The chunk's exact count replaces its per-batch estimate."""
         self.sequences += sequences
         self.nt += nucleotides
-        self.pending = 0
+        self.pending = self.pending_sequences = 0
         self.bar.n = self.nt
         self.bar.set_postfix_str(f"{self.sequences:,} sequences", refresh=True)
         self._maybe_log()
+
+    def eta(self) -> float | None:
+        """Seconds left, from the rate so far and the input's estimated size (None without one)."""
+        import time
+
+        elapsed = time.monotonic() - self.start
+        done = self.nt + self.pending
+        if not self.total or not done or elapsed <= 0:
+            return None
+        return max(self.total - done, 0) / (done / elapsed)
 
     def _maybe_log(self) -> None:
         import time
@@ -715,7 +769,7 @@ class _Progress:
         elapsed = time.monotonic() - self.start
         done = self.nt + self.pending
         rate = done / elapsed if elapsed > 0 else 0.0
-        line = f"{self.sequences:,} sequences, {done / 1e6:.2f} Mnt, {rate:,.0f} nt/s, {elapsed:.0f} s"
+        line = f"{self.sequences + self.pending_sequences:,} sequences, {done / 1e6:.2f} Mnt, {rate:,.0f} nt/s, {elapsed:.0f} s"
         if self.total and not final and rate > 0:
             line += f", about {min(done / self.total, 0.99):.0%} of the input, ETA {max(self.total - done, 0) / rate:.0f} s"
         _log(("done: " if final else "") + line)

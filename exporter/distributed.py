@@ -98,6 +98,10 @@ def start(address: str | None, log) -> None:
 
     if ray.is_initialized():
         return
+    # Not the user's business: a local Ray's note that it enabled token authentication (it stays enabled), and Ray
+    # Data's note that its progress bars are off (the CLI reports progress itself).
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False,
              configure_logging=True, **({} if address else {"num_cpus": os.cpu_count()}))
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its plan and timing lines: the CLI reports progress itself

@@ -116,7 +116,7 @@ class Model:
         overlap: int = 64,
         truncation: bool = False,
         strict: bool = False,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ):
         """One vector per sequence, in input order: (N, hidden) for "mean"/"cls", a list of (n_kmers, hidden) for "tokens".
 
@@ -176,13 +176,17 @@ class Model:
         """(window, its rows of output `name`, unpadded) for every window, run in length-sorted batches.
 
         progress, if given, is called after each batch with the number of rows the batch finished (the rows its
-        windows own: k-mers, or nucleotides for nucleotide-level predictions), so the calls add up to the total.
+        windows own: k-mers, or nucleotides for nucleotide-level predictions) and of sequences it completed (their
+        last window ran), so the calls add up to the totals.
         """
+        left = np.bincount([w.sequence for w in windows]) if windows else np.zeros(0, np.int64)  # windows to run per sequence
         for batch in plan_batches([w.length + 2 for w in windows], max_batch_tokens, batch_size):
             chosen = [windows[j] for j in batch]
             yield from zip(chosen, self._run_windows(chosen, kmers, name))
             if progress:
-                progress(sum(w.own_end - w.own_start for w in chosen))
+                np.subtract.at(left, [w.sequence for w in chosen], 1)
+                completed = len({w.sequence for w in chosen if left[w.sequence] == 0})
+                progress(sum(w.own_end - w.own_start for w in chosen), completed)
 
     def _run_windows(self, windows: list[Window], kmers: list[np.ndarray], name: str) -> list[np.ndarray]:
         """One output's rows for each window, without padding: last_hidden_state (<cls>, k-mers, <eos>), or
@@ -225,7 +229,7 @@ class Model:
         max_batch_tokens: int = 8192,
         overlap: int = 64,
         strict: bool = False,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ):
         """The task head's predictions, float32, last axis = `labels`: probabilities (sigmoid for binary and
         multilabel, softmax for multiclass) or values (regression); `logits=True` gives the raw head outputs.

@@ -158,3 +158,13 @@ def expected_rows(bundle) -> set[tuple[str, str]]:
 
         rows |= {(label, "openvino") for label in labels} | ({("bf16", "openvino")} if bf16_supported() else set())
     return rows
+
+
+@pytest.fixture(scope="session")
+def readme_run(tmp_path_factory):
+    """(folder, commands run): the README's commands and examples, run once, in order (tests/test_readme.py). Its
+    `utrexport build --kmer 6 --random-init --seed 0` is the one full-size bundle of the suite (tests/test_full_size.py)."""
+    from test_readme import run_readme
+
+    folder = tmp_path_factory.mktemp("readme")
+    return folder, run_readme(folder)

@@ -10,16 +10,19 @@ import utr_runtime
 from conftest import expected_rows, multimolecule, padded_real_batch
 from utr_runtime.verify import default_engines
 from utrexport import checkpoints
-from utrexport.build import build_bundle
 
 ATOL = 1e-4  # the fp32 tolerance of parity.TOLERANCES, here against multimolecule itself
 
 
 @pytest.fixture(scope="module")
-def full_k6(tmp_path_factory):
-    ckpt = checkpoints.from_random_init(6, seed=0)
-    path = build_bundle(ckpt, tmp_path_factory.mktemp("full") / "utrbert-6mer", ("fp32", "fp16", "int8"), log=lambda m: None)
-    return ckpt, path
+def full_k6(readme_run):
+    """The README's main job, `utrexport build --kmer 6 --random-init --seed 0` (run once for the suite by the README
+    test), and the same seeded weights as a checkpoint for multimolecule."""
+    folder, _ = readme_run
+    path = folder / "bundles" / "utrbert-6mer-random"
+    source = utr_runtime.Bundle(path).manifest["model"]["source"]
+    assert source == {"kind": "random-init", "seed": 0}, source  # what the README built
+    return checkpoints.from_random_init(6, seed=0), path
 
 
 def test_full_size_k6_bundle_verifies(full_k6):

@@ -70,9 +70,10 @@ def test_every_skip_reason_still_applies():
         assert any(pattern in text for text in texts), f"NOT_RUN entry {pattern!r} matches nothing in the README"
 
 
-def test_the_readme_runs_as_pasted(tmp_path):
+def run_readme(folder: Path) -> int:
+    """Run every README command and example in order in `folder` (linking the repository's data); how many ran."""
     for name in LINKED:
-        (tmp_path / name).symlink_to(ROOT / name)
+        (folder / name).symlink_to(ROOT / name)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     ran = 0
     for language, text in examples():
@@ -82,11 +83,17 @@ def test_the_readme_runs_as_pasted(tmp_path):
             command = text
             for name, value in PLACEHOLDERS.items():
                 command = re.sub(rf"\b{name}\b", value, command)
-            done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+            done = subprocess.run(command, shell=True, cwd=folder, env=env, capture_output=True, text=True, timeout=900)
         else:
-            done = subprocess.run([sys.executable, "-c", text], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+            done = subprocess.run([sys.executable, "-c", text], cwd=folder, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0 and "Traceback" not in done.stderr, f"README {language} failed:\n{text}\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
         ran += 1
+    return ran
+
+
+def test_the_readme_runs_as_pasted(readme_run):
+    folder, ran = readme_run  # conftest: run once per session; its full-size bundle serves tests/test_full_size.py too
     assert ran >= 10
-    assert (tmp_path / "bundles" / "utrbert-6mer-random" / "manifest.json").is_file() and (tmp_path / "vectors.npz").is_file()
-    assert (tmp_path / "predictions.tsv").read_text().startswith("id\tlabel\tpositive") and (tmp_path / "out.tsv").is_file()
+    assert (folder / "bundles" / "utrbert-6mer-random" / "manifest.json").is_file() and (folder / "vectors.npz").is_file()
+    assert (folder / "predictions.tsv").read_text().startswith("id\tlabel\tpositive") and (folder / "out.tsv").is_file()
+    assert (folder / "triton-repo" / "embed" / "config.pbtxt").is_file() and (folder / "triton-repo-gpu" / "embed" / "config.pbtxt").is_file()

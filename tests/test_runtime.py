@@ -256,7 +256,7 @@ def test_cli_embed_truncated_gzip_fails_cleanly(tiny_bundle, tmp_path):
 def test_cli_fill_mask(tiny_bundle):
     result = CliRunner().invoke(main, ["fill-mask", str(tiny_bundle(3, "pretraining")), "ACGU<mask>GGUA", "--json", "--top-k", "2"])
     assert result.exit_code == 0, result.output
-    answer = json.loads(result.output)
+    answer = json.loads(result.stdout)  # stdout: the JSON alone (stderr says what ran)
     assert len(answer) == 2 and set(answer[0]) == {"score", "token", "token_str", "sequence"}
     result = CliRunner().invoke(main, ["fill-mask", str(tiny_bundle(3, "base")), "ACGU<mask>GGUA"])
     assert result.exit_code == 1 and "no MLM head" in result.output

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every command of utrexport once, on tiny bundles, in the environment whose bin/ is $1: what `make check-newest` and
+# `make check-minimum` run after installing the newest and the lowest versions the project declares. Exits non-zero,
+# naming the command, on the first failure; each command's --help too.
+set -euo pipefail
+bin=$(cd "$1" && pwd)
+root=$(cd "$(dirname "$0")/../.." && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+u() { echo "+ utrexport $*" >&2; "$bin/utrexport" "$@"; }
+
+for command in "" build verify engine embed predict fill-mask bench triton serve; do
+  u $command --help > /dev/null
+done
+input="$root/calibration/data/utrbert_seq_to_extract.fasta"
+u build --kmer 3 --random-init --layers 1 --precision fp32,int8 --calibration-size 4 -o mlm
+u verify mlm
+u embed mlm "$input" -o vectors.npz
+u embed mlm "$input" -o vectors.parquet --precision int8 --pooling cls
+u fill-mask mlm "GGUCAGCUGG<mask>CUGGUUAGACCAGAUC" --json > /dev/null
+u build --kmer 3 --checkpoint "$root/tests/data/utrbert-3mer-dev-classifier" --precision fp32 -o classifier
+u predict classifier "$input" -o predictions.tsv
+u bench mlm --shapes 1x16 --repeats 1 --e2e-sequences 0 --no-torch --no-tokenizer --no-memory > /dev/null
+u triton mlm classifier -o repository > /dev/null
+test -f repository/classifier_predict/config.pbtxt
+"$bin/python" -c "import utr_runtime, numpy; m = utr_runtime.load('mlm'); assert m.embed(['ACGUAGCUAG']).shape == (1, 768)"
+echo "smoke test passed: every command ran" >&2
