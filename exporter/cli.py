@@ -684,9 +684,19 @@ def bench(bundle, shapes, repeats, threads, device, precision, engines, e2e_sequ
     except (ValueError, AssertionError):
         raise CommandError(f"--shapes: expected BATCHxTOKENS,... (e.g. 1x128,8x128), got {shapes!r}") from None
     precisions = list(precision) if precision else None
-    result = benchmark.run_benchmark(bundle, shape_list, repeats, threads, device, precisions, e2e_sequences,
-                                     torch=not no_torch, tokenizer=not no_tokenizer, memory=not no_memory,
-                                     engines=list(engines) or None, log=_log)
+    import os
+    import warnings
+
+    import utr_runtime
+
+    if not utr_runtime.Bundle(bundle, check=False).trained:
+        _log(f"note: {bundle} holds untrained (random-init) weights: fine for timing, which does not depend on the values")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the reference's deprecation notes are not the user's business
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", utr_runtime.UntrainedModelWarning)  # said once above, not once per path
+        result = benchmark.run_benchmark(bundle, shape_list, repeats, threads, device, precisions, e2e_sequences,
+                                         torch=not no_torch, tokenizer=not no_tokenizer, memory=not no_memory,
+                                         engines=list(engines) or None, log=_log)
     result["command"] = "utrexport " + " ".join(sys.argv[1:])
     report = benchmark.to_markdown(result)
     click.echo(report)
