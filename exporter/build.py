@@ -76,7 +76,7 @@ def build_bundle(
     work = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))  # fresh, ours alone
     try:
         _build_into(work, checkpoint, precisions, calibration, attention, log)
-        _replace(work, output)
+        _replace(work, output, force)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return output
@@ -356,12 +356,24 @@ def is_bundle(path: Path) -> bool:
         return False
 
 
-def _replace(work: Path, output: Path) -> None:
-    """Move the finished folder into place; an old bundle there is removed only once the new one is in."""
+def _replace(work: Path, output: Path, force: bool) -> None:
+    """Move the finished folder into place; an old bundle there is removed only once the new one is in.
+
+    What is at `output` is checked again (minutes have passed: a folder may have appeared, or another build finished),
+    and the final rename cannot replace anything but an empty folder, so nothing that appeared meanwhile is lost."""
+    try:
+        check_output(output, force)
+    except BuildError as e:
+        raise BuildError(f"{e} (it appeared while building; the new bundle was not written)") from None
     old = None
-    if output.exists():
+    if output.exists() or output.is_symlink():
         old = output.parent / f".{output.name}.old-{os.getpid()}"
         os.replace(output, old)
-    os.replace(work, output)
+    try:
+        os.rename(work, output)  # a non-empty folder or a file that appeared since the check makes this fail
+    except OSError as e:
+        if old is not None and not output.exists():
+            os.replace(old, output)
+        raise BuildError(f"{output} appeared while building ({e.strerror}); it is left as it is and the new bundle was not written") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

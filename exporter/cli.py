@@ -124,6 +124,8 @@ def _check_output(output: str, input: str, force: bool) -> None:
         raise CommandError(f"{output} is the input {input}: writing it would destroy the input; choose another output")
     if not force:
         raise CommandError(f"{output} exists; pass --force to replace it")
+    if not os.path.islink(output) and not os.path.isfile(output):
+        raise CommandError(f"{output} is not a regular file (a device, a fifo, a folder?); --force replaces files only")
 
 
 @main.command()
@@ -309,7 +311,7 @@ def embed(bundle, input, output, pooling, truncate, precision, device, engine, c
 
     runner = _Runner(bundle, "embed", dict(pooling=pooling, max_batch_tokens=batch_tokens, overlap=overlap, truncation=truncate, strict=strict),
                      dict(precision=precision, device=device, threads=threads, engine=engine), ray_address, workers, input)
-    with open_writer(output, runner.hidden_size) as writer:
+    with open_writer(output, runner.hidden_size, replace=force) as writer:
         _stream(input, column, chunk, runner, writer, skip_invalid, output, max_length)
     click.echo(f"{writer.rows} embeddings ({runner.hidden_size}-d, {pooling} pooling) written to {output}")
 
@@ -333,7 +335,7 @@ def predict(bundle, input, output, logits, aggregate, precision, device, engine,
     runner = _Runner(bundle, "predict", dict(logits=logits, aggregate=aggregate, max_batch_tokens=batch_tokens, overlap=overlap, strict=strict),
                      dict(precision=precision, device=device, threads=threads, engine=engine), ray_address, workers, input)
     task = runner.task
-    with open_prediction_writer(output, task) as writer:
+    with open_prediction_writer(output, task, replace=force) as writer:
         _stream(input, column, chunk, runner, writer, skip_invalid, output, max_length)
     what = "raw outputs" if logits else ("values" if task["problem_type"] == "regression" else "probabilities")
     click.echo(f"{task['level']}-level {what} of {writer.rows} sequences ({', '.join(task['labels'])}) written to {output}")

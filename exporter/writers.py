@@ -27,18 +27,19 @@ FORMATS = (".npy", ".npz", ".parquet")
 PREDICTION_FORMATS = {"sequence": (".tsv", ".csv", ".parquet"), "nucleotide": (".npz", ".parquet"), "contact": (".npz",)}
 
 
-def open_writer(path: str | os.PathLike, dim: int):
-    """A writer of embeddings: write(ids, vectors (N, dim))."""
+def open_writer(path: str | os.PathLike, dim: int, replace: bool = False):
+    """A writer of embeddings: write(ids, vectors (N, dim)). replace: the finished file may replace one at `path`
+    (--force); otherwise a file that appeared there meanwhile is an error and is left as it is."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return ParquetWriter(path, lambda pa: [("vector", pa.list_(pa.float32(), dim))], _vector_columns)
+        return ParquetWriter(path, lambda pa: [("vector", pa.list_(pa.float32(), dim))], _vector_columns, replace)
     if suffix in (".npy", ".npz"):
-        return NumpyWriter(path, dim)
+        return NumpyWriter(path, dim, replace=replace)
     raise UtrError(f"{path}: output must end in {', '.join(FORMATS)}")
 
 
-def open_prediction_writer(path: str | os.PathLike, task: dict):
+def open_prediction_writer(path: str | os.PathLike, task: dict, replace: bool = False):
     """A writer of predict() results for a task: write(ids, predictions) with predictions as predict() returns them."""
     path = Path(path)
     level, suffix = task["level"], path.suffix.lower()
@@ -48,11 +49,11 @@ def open_prediction_writer(path: str | os.PathLike, task: dict):
     if level == "sequence":
         if suffix == ".parquet":
             fields = lambda pa: [("label", pa.string())] * _decides(task) + [(name, pa.float32()) for name in task["labels"]]
-            return ParquetWriter(path, fields, lambda pa, rows: _label_columns(task, rows))
-        return TableWriter(path, task)
+            return ParquetWriter(path, fields, lambda pa, rows: _label_columns(task, rows), replace)
+        return TableWriter(path, task, replace)
     if suffix == ".parquet":
-        return ParquetWriter(path, lambda pa: [("values", pa.list_(pa.list_(pa.float32(), n)))], _ragged_columns)
-    return NumpyWriter(path, n, name="values", ragged=True)
+        return ParquetWriter(path, lambda pa: [("values", pa.list_(pa.list_(pa.float32(), n)))], _ragged_columns, replace)
+    return NumpyWriter(path, n, name="values", ragged=True, replace=replace)
 
 
 def decide(task: dict, probabilities: np.ndarray) -> list[str]:
@@ -95,9 +96,10 @@ class _Atomic:
     """The output's temporary file: created beside the target with a fresh random name, exclusively (O_EXCL: a
     planted file or symlink is never followed or reused), written through its own descriptor, renamed at the end."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, replace: bool = False):
         if path.is_dir():
             raise UtrError(f"{path}: is a folder")
+        self.replace = replace  # may the output replace a file at its path (--force), or must the path be free
         if not path.parent.is_dir():
             raise UtrError(f"{path.parent}: no such folder for the output")
         self.path = path
@@ -115,7 +117,21 @@ class _Atomic:
 
     def _publish(self) -> None:
         self.file.close()
-        os.replace(self.partial, self.path)
+        if self.replace:
+            os.replace(self.partial, self.path)
+            return
+        try:  # a hard link fails if the path was taken meanwhile (another run): rename would overwrite it
+            os.link(self.partial, self.path)
+        except FileExistsError:
+            self.partial.unlink(missing_ok=True)
+            raise UtrError(f"{self.path} appeared while this run wrote it (another run?); it is left as it is: pass --force to replace it") from None
+        except OSError:  # a filesystem without hard links: check, then rename
+            if os.path.lexists(self.path):
+                self.partial.unlink(missing_ok=True)
+                raise UtrError(f"{self.path} appeared while this run wrote it (another run?); it is left as it is: pass --force to replace it") from None
+            os.replace(self.partial, self.path)
+            return
+        self.partial.unlink()
 
     def abort(self) -> None:
         self.file.close()
@@ -129,10 +145,10 @@ class NumpyWriter(_Atomic):
     holds `lengths` (rows per record, or n for a contact map) and `values` (all records' rows, concatenated).
     """
 
-    def __init__(self, path: Path, dim: int, name: str = "vectors", ragged: bool = False):
+    def __init__(self, path: Path, dim: int, name: str = "vectors", ragged: bool = False, replace: bool = False):
         if ragged and path.suffix.lower() != ".npz":
             raise UtrError(f"{path}: this output is ragged (one array per record): write it as .npz")
-        super().__init__(path)
+        super().__init__(path, replace)
         self.dim, self.name, self.ragged = dim, name, ragged
         self.ids: list[str] = []
         self.lengths: list[int] = []
@@ -189,8 +205,9 @@ def current_umask() -> int:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """A file written whole or not at all, through the same safe temporary file as every output."""
-    out = _Atomic(Path(path))
+    """A file written whole or not at all, through the same safe temporary file as every output (replacing the file
+    at `path`: its callers rewrite their own files, such as a TensorRT engine or a skipped-records report)."""
+    out = _Atomic(Path(path), replace=True)
     try:
         out.file.write(data)
     except BaseException:
@@ -208,8 +225,8 @@ def _add_array(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
 class TableWriter(_Atomic):
     """Sequence-level predictions as a TSV or CSV table: id, label (not for regression), one column per label."""
 
-    def __init__(self, path: Path, task: dict):
-        super().__init__(path)
+    def __init__(self, path: Path, task: dict, replace: bool = False):
+        super().__init__(path, replace)
         self.task = task
         self.text = io.TextIOWrapper(self.file, encoding="utf-8", newline="")
         self.table = csv.writer(self.text, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", lineterminator="\n")
@@ -230,7 +247,7 @@ class TableWriter(_Atomic):
 class ParquetWriter(_Atomic):
     """An `id` column and the columns `fields(pa)` names, filled by `columns(pa, rows)` for each chunk."""
 
-    def __init__(self, path: Path, fields, columns):
+    def __init__(self, path: Path, fields, columns, replace: bool = False):
         try:  # before the temporary file exists: the import is slow, and may fail or be interrupted
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -238,7 +255,7 @@ class ParquetWriter(_Atomic):
             raise UtrError("parquet output needs pyarrow: pip install 'utrexport[parquet]'") from None
         self.pa, self.columns = pa, columns
         self.schema = pa.schema([("id", pa.string()), *fields(pa)])
-        super().__init__(path)
+        super().__init__(path, replace)
         try:
             self.writer = pq.ParquetWriter(self.file, self.schema)
         except BaseException:

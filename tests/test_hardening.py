@@ -287,3 +287,64 @@ def test_outputs_get_the_permissions_a_plain_file_would(tiny_bundle, tmp_path):
     result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(tmp_path / "in.fa"), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+# ------------------------------------------------------------------------------------------------ races (round 2)
+
+
+def test_a_folder_that_appears_at_the_output_while_building_is_never_replaced(tiny_checkpoint, tmp_path, monkeypatch):
+    """The final swap checks the output again: a folder made meanwhile (or another build's bundle) is kept, without
+    --force; and with --force a non-bundle that appeared is kept too."""
+    from utrexport import build, checkpoints
+
+    folder, _ = tiny_checkpoint(3, "base")
+    out = tmp_path / "bundle"
+    original = build._build_into
+
+    def meanwhile(contents):
+        def run(work, *args):
+            original(work, *args)
+            out.mkdir()
+            for name, text in contents.items():
+                (out / name).write_text(text)
+        return run
+
+    for contents, force in (({"mine.txt": "keep"}, False), ({"mine.txt": "keep"}, True), ({"manifest.json": '{"format": "utr-bundle"}'}, False)):
+        monkeypatch.setattr(build, "_build_into", meanwhile(contents))
+        with pytest.raises(build.BuildError, match="appeared while building"):
+            build.build_bundle(checkpoints.from_folder(folder, 3), out, force=force, log=lambda m: None)
+        assert {p.name: p.read_text() for p in out.iterdir()} == contents  # untouched
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no partial or old folder left
+        shutil.rmtree(out)
+
+
+def test_two_runs_writing_one_new_output_never_lose_a_result(tiny_bundle, tmp_path, monkeypatch):
+    """Checked at start and at the end: an output that appears while a run writes it (a second run's) is kept, and
+    this run fails in one line; with --force it is replaced, as asked."""
+    from utrexport import writers
+
+    fasta = tmp_path / "in.fa"
+    fasta.write_text("".join(f">{n}\n{s}\n" for n, s in real_sequences()[:3]))
+    out = tmp_path / "out.npz"
+    close = writers.NumpyWriter.close
+
+    def other_run_finishes_first(self):
+        out.write_bytes(b"the other run's result")
+        close(self)
+
+    monkeypatch.setattr(writers.NumpyWriter, "close", other_run_finishes_first)
+    result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(fasta), "-o", str(out)])
+    assert result.exit_code == 1 and "appeared while this run wrote it" in result.output, result.output
+    assert out.read_bytes() == b"the other run's result" and sorted(p.name for p in tmp_path.iterdir()) == ["in.fa", "out.npz"]
+    out.unlink()
+    result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(fasta), "-o", str(out), "--force"])
+    assert result.exit_code == 0 and np.load(out)["vectors"].shape == (3, 32)
+
+
+def test_force_replaces_files_only(tiny_bundle, tmp_path):
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(">a\nACGUACGUAG\n")
+    fifo = tmp_path / "pipe.npy"
+    os.mkfifo(fifo)
+    result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(fasta), "-o", str(fifo), "--force"])
+    assert result.exit_code == 1 and "not a regular file" in result.output and fifo.is_fifo()
