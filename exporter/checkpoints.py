@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def _from_multimolecule(config: dict, state: dict, k: int | None, source: dict, 
         raise CheckpointError(f"{source['path']}: a sequence head reads the pooler output, but the checkpoint has no pooler")
     checkpoint = Checkpoint(cfg, wanted, source, trained=True, ignored_keys=ignored)
     if task is not None:
-        checkpoint.labels, checkpoint.negative_label = _label_names(config, task)
+        checkpoint.labels, checkpoint.negative_label = _label_names(config, task, source["path"])
     return _checked(checkpoint)
 
 
@@ -155,8 +156,8 @@ def _task_head(config: dict, level: str, source: dict, problem_type: str | None)
         return value if value is not None else config.get(name, default)
 
     num_labels = head.get("num_labels") or config.get("num_labels", 1)
-    if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
-        raise CheckpointError(f"{where}: num_labels must be a positive integer, got {num_labels!r}")
+    if not isinstance(num_labels, int) or isinstance(num_labels, bool) or not 1 <= num_labels <= MAX_LABELS:
+        raise CheckpointError(f"{where}: num_labels must be an integer from 1 to {MAX_LABELS}, got {num_labels!r}")
     stated = setting("problem_type")
     if stated is not None and problem_type is not None and stated != problem_type:
         raise CheckpointError(f"{where}: the checkpoint's problem_type is {stated!r}, not {problem_type!r}")
@@ -189,14 +190,34 @@ def _task_head(config: dict, level: str, source: dict, problem_type: str | None)
         transform_act=transform_act if transform == "nonlinear" else None,
         bias=bool(head.get("bias", True)),
         act=act,
-        layer_norm_eps=float(head.get("layer_norm_eps") or 1e-12),
+        layer_norm_eps=_eps(head.get("layer_norm_eps"), where),
     )
 
 
-def _label_names(config: dict, task: TaskHead) -> tuple[list[str], str | None]:
-    """Output names from id2label; a one-output binary head with two names is the probability of the second."""
+def _eps(value, where: str) -> float:
+    if value is None:
+        return 1e-12
+    if type(value) not in (int, float) or not 0 < value < 1:
+        raise CheckpointError(f"{where}: head layer_norm_eps must be a number between 0 and 1, not {value!r}")
+    return float(value)
+
+
+def _label_names(config: dict, task: TaskHead, where: str = "checkpoint") -> tuple[list[str], str | None]:
+    """Output names from id2label; a one-output binary head with two names is the probability of the second.
+    Names become column headers, so they must be distinct, printable, and not `id` or `label` (columns of their own)."""
     id2label = config.get("id2label") or {}
-    names = {int(i): str(name) for i, name in id2label.items()} if isinstance(id2label, dict) else {}
+    if not isinstance(id2label, dict):
+        raise CheckpointError(f"{where}: config id2label must map label ids to names")
+    names = {}
+    for i, name in id2label.items():
+        if not (isinstance(i, int) or (isinstance(i, str) and i.isdigit())):
+            raise CheckpointError(f"{where}: config id2label has the key {i!r}; keys are label ids 0, 1, ...")
+        if not isinstance(name, str) or not name or _NOT_PRINTABLE.search(name) or name in ("id", "label"):
+            raise CheckpointError(f"{where}: label name {name!r} cannot name a column: names are printable text without tabs or "
+                                  "line breaks, and not 'id' or 'label'")
+        names[int(i)] = name
+    if len(set(names.values())) < len(names):
+        raise CheckpointError(f"{where}: config id2label names two labels alike; each column needs a name of its own")
     if task.problem_type == "binary" and task.num_labels == 1 and sorted(names) == [0, 1]:
         return [names[1]], names[0]
     if sorted(names) == list(range(task.num_labels)):
@@ -260,6 +281,8 @@ def _remap_rows(words: torch.Tensor, bias: torch.Tensor | None, old_vocab: list[
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+MAX_LABELS = 65536  # task outputs: far above any real head, far below what would exhaust memory
+_NOT_PRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # control characters: tabs, line breaks, terminal escapes
 SIZE_LIMITS = {  # generous bounds: a config outside them is a wrong or hostile file, not a model
     "hidden_size": (1, 16384), "num_hidden_layers": (1, 256), "num_attention_heads": (1, 1024),
     "intermediate_size": (1, 65536), "max_position_embeddings": (3, 65536), "type_vocab_size": (1, 64),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -225,9 +226,28 @@ def _check_schema(m: dict, where: Path) -> None:
     if not isinstance(m["tokenizer"], str):
         fail("'tokenizer' must be a file name")
     task = m.get("task")
-    if task is not None and (not isinstance(task, dict) or task.get("level") not in ("sequence", "nucleotide", "contact")
-                             or not isinstance(task.get("labels"), list) or type(task.get("num_labels")) is not int):
-        fail("'task' must give level, problem_type, num_labels and labels")
+    if task is not None:
+        _check_task(task, fail)
+
+
+TASK_LEVELS = ("sequence", "nucleotide", "contact")
+PROBLEM_TYPES = ("binary", "multiclass", "multilabel", "regression")
+MAX_LABELS = 65536
+_NOT_PRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # tabs, line breaks, terminal escapes: never in a column name
+
+
+def _check_task(task, fail) -> None:
+    """The task record predict() and the writers rely on: known values, and labels that can name columns."""
+    if not isinstance(task, dict) or task.get("level") not in TASK_LEVELS or task.get("problem_type") not in PROBLEM_TYPES:
+        fail(f"'task' must give a level ({', '.join(TASK_LEVELS)}) and a problem_type ({', '.join(PROBLEM_TYPES)})")
+    n, labels, negative = task.get("num_labels"), task.get("labels"), task.get("negative_label")
+    if type(n) is not int or not 1 <= n <= MAX_LABELS or (task["problem_type"] == "multiclass" and n < 2):
+        fail(f"task num_labels must be an integer from {2 if task['problem_type'] == 'multiclass' else 1} to {MAX_LABELS}, not {n!r}")
+    names = labels + ([negative] if negative is not None else []) if isinstance(labels, list) else None
+    if names is None or len(labels) != n or not all(isinstance(x, str) and x and not _NOT_PRINTABLE.search(x) for x in names):
+        fail(f"task labels must be {n} printable names (num_labels)")
+    if len(set(labels)) < n or {"id", "label"} & set(labels):
+        fail("task labels must be distinct and not 'id' or 'label' (each names a column of its own)")
 
 
 def write_manifest(path: str | os.PathLike, manifest: dict) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .engines import choose_engine, open_runner
-from .errors import InputError, InputWarning, UntrainedModelWarning, UtrError
+from .errors import BundleError, InputError, InputWarning, UntrainedModelWarning, UtrError
 from .parity import task_outputs
 from .tokenizer import foreign_fraction, foreign_letter, short_pieces
 from .windows import Window, plan_batches, split_windows
@@ -60,6 +60,7 @@ class Model:
         self.k = bundle.k
         self.max_tokens = bundle.max_tokens
         self.hidden_size = int(bundle.manifest["model"]["config"]["hidden_size"])
+        _check_outputs(bundle, getattr(runner, "output_shapes", {}))
 
     def __repr__(self) -> str:
         task = f", task={self.task['level']}/{self.task['problem_type']}" if self.task else ""
@@ -309,6 +310,26 @@ class Model:
                 )
             answers.append(row)
         return answers[0] if single else answers
+
+
+TASK_RANKS = {"sequence": 2, "nucleotide": 3, "contact": 4}  # task_logits: (B, labels), (B, n, labels), (B, n, n, labels)
+
+
+def _check_outputs(bundle: Bundle, shapes: dict[str, tuple]) -> None:
+    """The manifest's hidden size and task record against the model's own output shapes (dims the engine reports as
+    fixed): a record that disagrees would write wrong columns or shapes without a word."""
+    hidden = shapes.get("last_hidden_state", (None,))[-1]
+    if hidden is not None and hidden != int(bundle.manifest["model"]["config"]["hidden_size"]):
+        raise BundleError(f"{bundle.path}: the manifest says hidden_size {bundle.manifest['model']['config']['hidden_size']}, the model gives {hidden}")
+    task = bundle.task
+    if not task:
+        return
+    shape = shapes.get("task_logits")
+    if shape is None and shapes:
+        raise BundleError(f"{bundle.path}: the manifest describes a task head, but the model has no task_logits output")
+    if shape is not None and (len(shape) != TASK_RANKS[task["level"]] or shape[-1] not in (None, task["num_labels"])):
+        raise BundleError(f"{bundle.path}: the manifest's task ({task['level']} level, {task['num_labels']} labels) does not match the "
+                          f"model's task_logits ({', '.join('?' if d is None else str(d) for d in shape)})")
 
 
 def judge(tokenizer, sequences: Sequence[str], strict: bool = False, max_kmers: int | None = None) -> tuple[list[np.ndarray], list[str | None]]:

@@ -348,3 +348,89 @@ def test_force_replaces_files_only(tiny_bundle, tmp_path):
     os.mkfifo(fifo)
     result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(fasta), "-o", str(fifo), "--force"])
     assert result.exit_code == 1 and "not a regular file" in result.output and fifo.is_fifo()
+
+
+# ------------------------------------------------------------------------------------------------ task records (round 2)
+
+
+def _set(record: dict, **values):
+    return lambda m: m[record].update(values) if record != "config" else m["model"]["config"].update(values)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_set("task", num_labels=1, labels=["a"], problem_type="binary"), "does not match the model's task_logits (?, 3)"),
+        (_set("task", num_labels=2, labels=["a", "b"]), "(sequence level, 2 labels) does not match the model's task_logits (?, 3)"),
+        (_set("task", level="nucleotide"), "does not match the model's task_logits"),
+        (_set("task", problem_type="bogus"), "problem_type"),
+        (_set("task", num_labels=0, labels=[]), "num_labels must be an integer from 2"),
+        (_set("task", num_labels=-1), "num_labels must be an integer from 2"),
+        (_set("task", labels=["same", "same", "other"]), "distinct"),
+        (_set("task", labels=["id", "b", "c"]), "not 'id' or 'label'"),
+        (_set("task", labels=["\x1b[2J", "b", "c"]), "printable"),
+        (_set("task", labels=["a\tb", "b", "c"]), "printable"),
+        (_set("task", labels=["a", "b"]), "3 printable names"),
+        (_set("config", hidden_size=16), "the manifest says hidden_size 16, the model gives 32"),
+    ],
+)
+def test_a_task_record_that_disagrees_with_the_model_is_refused(task_bundle, tmp_path, change, message):
+    """The manifest's task record and hidden size are checked against the model's output shape and allowed values
+    when loading: a wrong record would write wrong columns or shapes, or raw terminal escapes, without a word."""
+    path = tmp_path / "bundle"
+    shutil.copytree(task_bundle(3, "sequence", "multiclass"), path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    tampered(path, manifest, change)
+    with pytest.raises(BundleError, match=None) as caught:
+        utr_runtime.load(path, engine="onnxruntime")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(">a\nACGUACGUAG\n")
+    result = CliRunner().invoke(main, ["predict", str(path), str(fasta), "-o", str(tmp_path / "p.tsv")])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output and "\x1b" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "p.tsv").exists()
+
+
+@pytest.mark.parametrize(
+    "head, config, message",
+    [
+        ({"num_labels": 2_000_000_000}, {}, "num_labels must be an integer from 1 to 65536"),
+        ({"layer_norm_eps": "abc"}, {}, "layer_norm_eps must be a number between 0 and 1"),
+        ({}, {"id2label": {"x": "a", "1": "b", "2": "c"}}, "id2label has the key 'x'"),
+        ({}, {"id2label": {"0.0": "a", "1": "b", "2": "c"}}, "id2label has the key '0.0'"),
+        ({}, {"id2label": {"0": "same", "1": "same", "2": "c"}}, "names two labels alike"),
+        ({}, {"id2label": {"0": "label", "1": "b", "2": "c"}}, "cannot name a column"),
+        ({}, {"id2label": {"0": "a\nb", "1": "b", "2": "c"}}, "cannot name a column"),
+    ],
+)
+def test_hostile_task_checkpoints_are_refused_in_one_line(task_checkpoint, tmp_path, head, config, message):
+    folder, _ = task_checkpoint(3, "sequence", "multiclass")
+    edited = tmp_path / "ckpt"
+    shutil.copytree(folder, edited)
+    stated = json.loads((edited / "config.json").read_text())
+    stated["head"].update(head)
+    stated.update(config)
+    (edited / "config.json").write_text(json.dumps(stated))
+    start = time.monotonic()
+    result = CliRunner().invoke(main, ["build", "--kmer", "3", "--checkpoint", str(edited), "-o", str(tmp_path / "b"), "--precision", "fp32"])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    assert time.monotonic() - start < 30 and not (tmp_path / "b").exists()  # refused before any allocation
+
+
+def test_only_a_requested_precision_that_fails_sets_the_exit_status(tiny_checkpoint, tmp_path, monkeypatch):
+    """bf16 (checked on CPUs that run it, never asked for with --precision) may fail its gate: the build says so and
+    leaves it out, but exits 0 when every precision asked for is in the bundle."""
+    from utrexport import build
+
+    real = build.verify
+
+    def with_failing_bf16(bundle, *args, **kwargs):
+        rows = real(bundle, *args, **kwargs)
+        return rows + [{**rows[0], "precision": "bf16", "engine": "openvino", "passed": False}]
+
+    monkeypatch.setattr(build, "verify", with_failing_bf16)
+    folder, _ = tiny_checkpoint(3, "base")
+    args = ["build", "--kmer", "3", "--checkpoint", str(folder), "-o", str(tmp_path / "b"), "--precision", "fp32"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and "bf16 left out of the bundle" in result.output, result.output
+    assert "did not pass" not in result.output and json.loads((tmp_path / "b" / "manifest.json").read_text())["left_out"].keys() == {"bf16"}

@@ -34,6 +34,7 @@ class OnnxRuntimeRunner:
         self.device = device
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_shapes = {o.name: tuple(d if isinstance(d, int) else None for d in o.shape) for o in self.session.get_outputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, {name: feeds[name] for name in self.input_names})

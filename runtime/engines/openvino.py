@@ -48,6 +48,8 @@ class OpenVinoRunner:
             # Names from the model as read: compiling may rename outputs whose producers it fuses.
             self.input_names = [port.get_any_name() for port in model.inputs]
             self.output_names = [port.get_any_name() for port in model.outputs]
+            self.output_shapes = {port.get_any_name(): tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+                                  for port in model.outputs}
             config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[inference_precision]}
             if threads:
                 config["INFERENCE_NUM_THREADS"] = threads
