@@ -434,3 +434,14 @@ def test_only_a_requested_precision_that_fails_sets_the_exit_status(tiny_checkpo
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0 and "bf16 left out of the bundle" in result.output, result.output
     assert "did not pass" not in result.output and json.loads((tmp_path / "b" / "manifest.json").read_text())["left_out"].keys() == {"bf16"}
+
+
+def test_ids_with_control_characters_are_refused_so_stored_ids_stay_unique(tiny_bundle, tmp_path):
+    """'>a\\0' and '>a' were one id in .npz (NumPy strips trailing NULs); an escape in an id reached the terminal."""
+    fasta = tmp_path / "in.fa"
+    fasta.write_bytes(b">a\x00\nACGUACGUAG\n>a\nGGCAUUAGCC\n>b\x1b[2J\nACGUACGUAG\n")
+    result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(fasta), "-o", str(tmp_path / "o.npz")])
+    assert result.exit_code == 1 and "control character in the id" in result.output and "\x1b" not in result.output
+    result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(fasta), "-o", str(tmp_path / "o.npz"), "--skip-invalid"])
+    assert result.exit_code == 0 and list(np.load(tmp_path / "o.npz")["ids"]) == ["a"]
+    assert "\x1b" not in (tmp_path / "o.npz.skipped.tsv").read_text() and "\\x00" in (tmp_path / "o.npz.skipped.tsv").read_text()
