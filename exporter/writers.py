@@ -11,6 +11,7 @@ place, `abort` removes it. A half-written output never carries the target's name
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -113,7 +114,15 @@ class _Atomic:
         return self
 
     def __exit__(self, kind, value, tb):
-        self.close() if kind is None else self.abort()
+        if kind is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:  # a write or close that fails at the end (a full disk) leaves no partial file either
+            with contextlib.suppress(Exception):
+                self.abort()
+            raise
 
     def _publish(self) -> None:
         self.file.close()

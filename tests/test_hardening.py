@@ -445,3 +445,19 @@ def test_ids_with_control_characters_are_refused_so_stored_ids_stay_unique(tiny_
     result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(fasta), "-o", str(tmp_path / "o.npz"), "--skip-invalid"])
     assert result.exit_code == 0 and list(np.load(tmp_path / "o.npz")["ids"]) == ["a"]
     assert "\x1b" not in (tmp_path / "o.npz.skipped.tsv").read_text() and "\\x00" in (tmp_path / "o.npz.skipped.tsv").read_text()
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".parquet"])
+def test_a_full_disk_at_the_end_leaves_no_partial_file(task_bundle, tmp_path, monkeypatch, suffix):
+    from utrexport import writers
+
+    def disk_full(self):
+        raise OSError(28, "No space left on device", str(self.partial))
+
+    monkeypatch.setattr(writers._Atomic, "_publish", disk_full)
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(">a\nACGUACGUAG\n")
+    out = tmp_path / f"p{suffix}"
+    result = CliRunner().invoke(main, ["predict", str(task_bundle(3, "sequence", "multiclass")), str(fasta), "-o", str(out)])
+    assert result.exit_code == 1 and "No space left on device" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fa"]
