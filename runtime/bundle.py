@@ -26,6 +26,15 @@ FORMAT = "utr-bundle"
 FORMAT_VERSION = 2  # 2: integer window starts, optional LM positions, conformance.json
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")  # model files a bundle may hold
+# The operators the exporter writes: every head level, problem type and activation, both attention forms, every precision
+# (collected from such builds; every bundle the tests build loads through this check). A model holding another (a Loop
+# that never ends, say) is not run.
+ALLOWED_OPS = {("", op) for op in (
+    "Add", "And", "Attention", "Cast", "Concat", "DequantizeLinear", "Div", "Expand", "Gather", "GatherElements", "Gelu", "Gemm",
+    "Greater", "LayerNormalization", "Less", "LessOrEqual", "MatMul", "Max", "Mul", "Not", "QuantizeLinear", "Range",
+    "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze",
+    "Where",
+)}
 # bf16 is no file: the fp32 model run with bf16 inference (OpenVINO, CPUs with native bf16).
 RUNTIME_PRECISIONS = PRECISIONS + ("bf16",)
 
@@ -104,6 +113,47 @@ class Bundle:
             self._check_sum(name, path)
         return path
 
+    def read(self, name: str) -> bytes:
+        """A file's bytes, checked against its checksum: the very bytes that were hashed are the ones returned, so a
+        file swapped after the check is never what runs."""
+        path = self.new_file(name)
+        if name not in self.manifest["files"]:
+            raise BundleError(f"{self.path}: {name} is not listed with a checksum in the manifest; it is not opened")
+        _regular(path, self.path, name)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise BundleError(f"{self.path}: {name} is not a regular file; it is not opened")
+            data = f.read()
+        if self.check:
+            if hashlib.sha256(data).hexdigest() != self.manifest["files"][name]:
+                raise BundleError(f"{self.path}: checksum mismatch for {name} (the file is corrupted or was changed)")
+            self._checked.add(name)
+        return data
+
+    def read_model(self, name: str) -> bytes:
+        """An ONNX model's checked bytes, judged before any engine sees them: no data from other files (the manifest
+        checks none), no subgraphs or functions, only operators the exporter writes, and a position table that covers
+        max_tokens (longer windows would run past it)."""
+        from .onnx_facts import NotAModel, model_facts
+
+        data = self.read(name)
+        try:
+            facts = model_facts(data)
+        except NotAModel as e:
+            raise BundleError(f"{self.path}: {name} is not a well-formed ONNX model ({e})") from None
+        if facts.external:
+            raise BundleError(f"{self.path}: {name} reads tensor {facts.external[0]!r} from another file, which no checksum covers; refused")
+        foreign = sorted(f"{domain + '.' if domain else ''}{op}" for domain, op in facts.ops - ALLOWED_OPS)
+        if foreign or facts.subgraphs or facts.functions:
+            what = f"operator {foreign[0]}" if foreign else "a subgraph or function"
+            raise BundleError(f"{self.path}: {name} holds {what}, which utrexport never writes; refused")
+        positions = [dims[0] for key, dims in facts.initializers.items() if key.endswith("position_embeddings.weight") and dims]
+        if not positions or positions[0] < self.max_tokens:
+            table = f"has {positions[0]} positions" if positions else "has no position table"
+            raise BundleError(f"{self.path}: max_tokens is {self.max_tokens}, but {name} {table}; refused")
+        return data
+
     def _check_sum(self, name: str, path: Path) -> None:
         if name not in self._checked:
             if sha256_file(path) != self.manifest["files"][name]:
@@ -116,19 +166,23 @@ class Bundle:
             raise BundleError(f"{self.path}: the manifest names a file {name!r}: only plain names inside the bundle are allowed")
         return self.path / name
 
-    def model_file(self, precision: str, device: str = "cpu", engine: str = "onnxruntime") -> Path:
+    def model_name(self, precision: str, device: str = "cpu", engine: str = "onnxruntime") -> str:
         """The ONNX file a precision runs on an engine: bf16 runs the fp32 file; where the manifest names a
         variant for ONNX Runtime on this device (int8 on "cpu": its fast u8s8 scheme), that one."""
         entry = self._model_entry(precision)
         variant = entry.get("variants", {}).get(device) if engine == "onnxruntime" else None
-        return self.file((variant or entry)["file"])
+        return (variant or entry)["file"]
 
-    def model_variants(self, precision: str) -> dict[str, Path]:
+    def model_file(self, precision: str, device: str = "cpu", engine: str = "onnxruntime") -> Path:
+        return self.file(self.model_name(precision, device, engine))
+
+    def model_names(self, precision: str) -> dict[str, str]:
         """Every ONNX file of a precision, by label: the precision itself and "<precision>/<variant>"."""
         entry = self._model_entry(precision)
-        files = {precision: self.file(entry["file"])}
-        files.update({f"{precision}/{name}": self.file(v["file"]) for name, v in entry.get("variants", {}).items()})
-        return files
+        return {precision: entry["file"], **{f"{precision}/{name}": v["file"] for name, v in entry.get("variants", {}).items()}}
+
+    def model_variants(self, precision: str) -> dict[str, Path]:
+        return {label: self.file(name) for label, name in self.model_names(precision).items()}
 
     def _model_entry(self, precision: str) -> dict:
         if precision not in RUNTIME_PRECISIONS:
@@ -144,7 +198,7 @@ class Bundle:
     def tokenizer(self) -> KmerTokenizer:
         try:
             tokenizer = KmerTokenizer.from_file(self.file(self.manifest["tokenizer"]))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise BundleError(f"{self.path}: bad tokenizer spec: {e}") from None
         if tokenizer.k != self.k:
             raise BundleError(f"{self.path}: tokenizer is {tokenizer.k}-mer but the model is {self.k}-mer")
@@ -180,8 +234,8 @@ def _read_manifest(path: Path) -> dict:
         raise BundleError(f"{path}: no {MANIFEST}; not a bundle, or an unfinished one")
     try:
         manifest = json.loads(manifest_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{manifest_file}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or text, a 5,000-digit number, nesting past Python's stack
+        raise BundleError(f"{manifest_file}: not valid JSON ({str(e)[:200] or type(e).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{manifest_file}: not a {FORMAT} manifest")
     version = manifest.get("format_version")

@@ -42,8 +42,9 @@ def load(bundle: str | os.PathLike | Bundle, precision: str = "fp32", device: st
         runner = open_engine_runner(bundle, precision)
     else:
         engine = choose_engine(engine, device, precision)
-        model_file = bundle.model_file(precision, device, engine)
-        runner = open_runner(model_file, device, threads, engine, inference_precision="bf16" if precision == "bf16" else "f32")
+        name = bundle.model_name(precision, device, engine)
+        runner = open_runner(bundle.read_model(name), device, threads, engine, inference_precision="bf16" if precision == "bf16" else "f32",
+                             name=str(bundle.path / name))
     if not bundle.trained:
         warnings.warn(f"{bundle.path} holds untrained (random-init) weights: its outputs are for tests and timing, not for analysis",
                       UntrainedModelWarning, stacklevel=2)

@@ -70,10 +70,11 @@ def _runners(bundle: Bundle, precisions, device: str, threads, engines):
     for engine in engines or default_engines(device):
         for precision in precisions or runnable_precisions(bundle, engine):
             if precision == "bf16":
-                yield "bf16", "bf16", open_runner(bundle.model_file("bf16"), device, threads, engine, inference_precision="bf16")
+                name = bundle.model_name("bf16")
+                yield "bf16", "bf16", open_runner(bundle.read_model(name), device, threads, engine, inference_precision="bf16", name=name)
                 continue
-            for label, model_file in bundle.model_variants(precision).items():
-                yield label, precision, open_runner(model_file, device, threads, engine)
+            for label, name in bundle.model_names(precision).items():
+                yield label, precision, open_runner(bundle.read_model(name), device, threads, engine, name=name)
 
 
 def runnable_precisions(bundle: Bundle, engine: str) -> list[str]:

@@ -461,3 +461,90 @@ def test_a_full_disk_at_the_end_leaves_no_partial_file(task_bundle, tmp_path, mo
     result = CliRunner().invoke(main, ["predict", str(task_bundle(3, "sequence", "multiclass")), str(fasta), "-o", str(out)])
     assert result.exit_code == 1 and "No space left on device" in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fa"]
+
+
+# ------------------------------------------------------------------------------------------------ what a model may hold (round 2)
+
+
+def _rewrite_model(path, change) -> None:
+    """Change the bundle's fp32 model with the onnx package and record its new checksum (a forger controls the manifest)."""
+    import onnx
+
+    model = onnx.load(path / "model.fp32.onnx")
+    change(model, path)
+    onnx.save_model(model, path / "model.fp32.onnx")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["model.fp32.onnx"] = utr_runtime.bundle.sha256_file(path / "model.fp32.onnx")
+    write_manifest(path, manifest)
+
+
+def _external(model, path):
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="extra.bin", size_threshold=1024)
+
+
+def _loop(model, path):
+    from onnx import TensorProto, helper
+
+    body = helper.make_graph([helper.make_node("Identity", ["cond"], ["cond_out"])], "body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])])
+    model.graph.initializer.extend([helper.make_tensor("trips", TensorProto.INT64, [], [2**62]), helper.make_tensor("go", TensorProto.BOOL, [], [True])])
+    model.graph.node.append(helper.make_node("Loop", ["trips", "go"], [], body=body))
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("change, message", [
+    (_external, "reads tensor"),
+    (_loop, "which utrexport never writes"),  # its body's Identity or the Loop itself: either is refused
+    (lambda model, path: None, None),  # rewritten, nothing added: still runs
+])
+def test_a_model_may_hold_only_what_the_exporter_writes(copy, engine, change, message):
+    """Every byte a model reads is checked (external data would come from a file no checksum covers, and OpenVINO
+    resolves it against the working directory), and a model holds only the exporter's operators (a Loop with 2^62
+    trips would hang the process)."""
+    path, _ = copy
+    _rewrite_model(path, change)
+    if message is None:
+        assert utr_runtime.load(path, engine=engine).embed(["ACGUACGUAG"]).shape == (1, 32)
+        return
+    with pytest.raises(BundleError, match=message):
+        utr_runtime.load(path, engine=engine)
+    result = CliRunner().invoke(main, ["verify", str(path)])
+    assert result.exit_code == 1 and message.split(",")[0] in result.output and "Traceback" not in result.output
+
+
+def test_max_tokens_beyond_the_position_table_is_refused(copy):
+    path, manifest = copy
+    tampered(path, manifest, lambda m: m.update(max_tokens=2000))
+    for engine in ("onnxruntime", "openvino"):
+        with pytest.raises(BundleError, match="max_tokens is 2000, but model.fp32.onnx has 512 positions"):
+            utr_runtime.load(path, engine=engine)
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_the_bytes_that_were_checked_are_the_bytes_that_run(copy, monkeypatch, engine):
+    """A model swapped after its checksum was checked is never what runs: the engine gets the checked bytes, not
+    the path (a swap between the two gave 9 of 25 runs on the swapped model)."""
+    from utr_runtime import onnx_facts
+
+    path, _ = copy
+    expected = utr_runtime.load(path, engine=engine).embed(["ACGUACGUAGGC"])
+    judge = onnx_facts.model_facts
+
+    def swap_then_judge(data):  # after the hash, before the engine: the worst moment for a swap
+        (path / "model.fp32.onnx").write_bytes(b"not the checked model")
+        return judge(data)
+
+    monkeypatch.setattr(onnx_facts, "model_facts", swap_then_judge)
+    np.testing.assert_array_equal(utr_runtime.load(path, engine=engine).embed(["ACGUACGUAGGC"]), expected)
+    assert (path / "model.fp32.onnx").read_bytes() == b"not the checked model"  # the swap did happen
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"format": "utr-bundle", "format_version": ' + "9" * 5000 + "}"])
+def test_json_that_python_cannot_hold_is_one_line(copy, text):
+    path, _ = copy
+    (path / "manifest.json").write_text(text)
+    with pytest.raises(BundleError, match="not valid JSON"):
+        utr_runtime.Bundle(path)

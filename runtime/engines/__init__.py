@@ -34,12 +34,15 @@ def choose_engine(engine: str, device: str = "cpu", precision: str = "fp32") -> 
     return "onnxruntime"
 
 
-def open_runner(model_file: str | os.PathLike, device: str = "cpu", threads: int | None = None, engine: str = "onnxruntime",
-                inference_precision: str = "f32"):
-    """A runner for an ONNX model: ONNX Runtime on "cpu" or "cuda", OpenVINO on "cpu".
+def open_runner(model: bytes | str | os.PathLike, device: str = "cpu", threads: int | None = None, engine: str = "onnxruntime",
+                inference_precision: str = "f32", name: str | None = None):
+    """A runner for an ONNX model (its bytes, as Bundle.read_model checked them, or a file): ONNX Runtime on "cpu" or
+    "cuda", OpenVINO on "cpu". name: what errors call the model (default: the file).
 
     inference_precision: "f32", or "bf16" (OpenVINO on a CPU with native bf16: an fp32 model run in bf16).
     """
+    name = name or ("the model" if isinstance(model, bytes) else os.fspath(model))
+    model = model if isinstance(model, bytes) else os.fspath(model)
     if device == "tensorrt":
         raise UtrError("device='tensorrt' runs a TensorRT engine file, not ONNX: use utr_runtime.load(bundle, device='tensorrt')")
     if device not in DEVICES:
@@ -48,9 +51,9 @@ def open_runner(model_file: str | os.PathLike, device: str = "cpu", threads: int
     if engine == "openvino":
         from .openvino import OpenVinoRunner
 
-        return OpenVinoRunner(model_file, device=device, threads=threads, inference_precision=inference_precision)
+        return OpenVinoRunner(model, device=device, threads=threads, inference_precision=inference_precision, name=name)
     if inference_precision != "f32":
         raise UtrError(f"{inference_precision} inference runs on OpenVINO only: pip install 'utrexport[openvino]' and use engine='openvino'")
     from .onnxruntime import OnnxRuntimeRunner
 
-    return OnnxRuntimeRunner(model_file, device=device, threads=threads)
+    return OnnxRuntimeRunner(model, device=device, threads=threads, name=name)

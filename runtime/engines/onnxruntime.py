@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ..errors import UtrError
@@ -14,7 +12,7 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 class OnnxRuntimeRunner:
     engine = "onnxruntime"
 
-    def __init__(self, model_file: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+    def __init__(self, model: bytes | str, device: str = "cpu", threads: int | None = None, name: str = "the model"):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -28,9 +26,9 @@ class OnnxRuntimeRunner:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(os.fspath(model_file), options, providers=PROVIDERS[device])
+            self.session = ort.InferenceSession(model, options, providers=PROVIDERS[device])
         except Exception as e:
-            raise UtrError(f"{model_file}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
+            raise UtrError(f"{name}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
         self.device = device
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

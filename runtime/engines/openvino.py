@@ -35,7 +35,8 @@ def _core():
 class OpenVinoRunner:
     engine = "openvino"
 
-    def __init__(self, model_file: str | os.PathLike, device: str = "cpu", threads: int | None = None, inference_precision: str = "f32"):
+    def __init__(self, model: bytes | str, device: str = "cpu", threads: int | None = None, inference_precision: str = "f32",
+                 name: str = "the model"):
         if device != "cpu":
             raise UtrError(f"the OpenVINO runner runs on device='cpu', not {device!r}")
         if inference_precision not in INFERENCE_PRECISIONS:
@@ -44,7 +45,7 @@ class OpenVinoRunner:
         if inference_precision == "bf16" and not bf16_supported():
             raise UtrError("bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX); this one has neither: use fp32 or int8")
         try:
-            model = core.read_model(os.fspath(model_file))
+            model = core.read_model(model)
             # Names from the model as read: compiling may rename outputs whose producers it fuses.
             self.input_names = [port.get_any_name() for port in model.inputs]
             self.output_names = [port.get_any_name() for port in model.outputs]
@@ -60,7 +61,7 @@ class OpenVinoRunner:
                     config["ENABLE_CPU_PINNING"] = False
             self.compiled = core.compile_model(model, "CPU", config)
         except Exception as e:
-            raise UtrError(f"{model_file}: OpenVINO cannot load it ({str(e).strip().splitlines()[0][:300]})") from None
+            raise UtrError(f"{name}: OpenVINO cannot load it ({str(e).strip().splitlines()[0][:300]})") from None
         # One infer request runs one inference at a time, and shared between threads it gave wrong answers: each
         # run takes an idle request from this pool (made when none is idle, so as many as threads run at once).
         self.idle = [self.compiled.create_infer_request()]

@@ -119,20 +119,21 @@ def open_engine_runner(bundle, precision: str) -> "TensorRTRunner":
             f"with TensorRT {record['tensorrt']}; this is {device['name']} ({device['compute_capability']}) with TensorRT {trt.__version__}. "
             f"Engines are not portable: rebuild it here with: {rebuild}"
         )
-    return TensorRTRunner(bundle.file(record["file"]))
+    return TensorRTRunner(bundle.read(record["file"]), name=str(bundle.path / record["file"]))
 
 
 class TensorRTRunner:
     engine = "tensorrt"
 
-    def __init__(self, engine_file):
+    def __init__(self, engine, name: str | None = None):
+        """engine: the plan's bytes (as Bundle.read checked them), or its file."""
         trt = import_tensorrt()
         self.trt, self.cudart = trt, _cudart()
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.plan = self.runtime.deserialize_cuda_engine(engine_file.read_bytes())
+        self.plan = self.runtime.deserialize_cuda_engine(engine if isinstance(engine, bytes) else engine.read_bytes())
         if self.plan is None:
-            raise UtrError(f"{engine_file}: TensorRT could not deserialize the engine")
+            raise UtrError(f"{name or engine}: TensorRT could not deserialize the engine")
         self.context = self.plan.create_execution_context()
         names = [self.plan.get_tensor_name(i) for i in range(self.plan.num_io_tensors)]
         self.input_names = [n for n in names if self.plan.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
