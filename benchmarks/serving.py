@@ -41,18 +41,6 @@ def chosen_sequences(n: int, max_nt: int | None = None) -> list[str]:
     return [s[:max_nt] for s in chosen] if max_nt else chosen
 
 
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def client_round(port: int, seqs: list[str], concurrency: int) -> tuple[float, list[float], list[np.ndarray]]:
     """Wall seconds for every sequence, each request's latency, and the answers in sequence order."""
     import tritonclient.grpc as grpcclient
@@ -106,7 +94,7 @@ def main() -> None:
         options = triton.RepositoryOptions(precision=args.precision, engine=args.engine, threads=threads, capabilities=["embed"],
                                            max_queue_delay_us=args.max_queue_delay_us)
         triton.write_repository(args.bundle, Path(scratch) / "models", options)
-        ports = triton.Ports(*free_ports(3))
+        ports = triton.Ports.free()
         server = triton.find_server(None, None, print)
         with open(Path(scratch) / "server.log", "wb") as log:
             process = triton.start(server, Path(scratch) / "models", ports, "127.0.0.1", log)

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -261,6 +262,17 @@ class Ports:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+
+    @classmethod
+    def free(cls) -> "Ports":
+        """Three ports free on this machine now (tests and benchmarks: each server on its own)."""
+        sockets = [socket.socket() for _ in range(3)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        ports = [s.getsockname()[1] for s in sockets]
+        for s in sockets:
+            s.close()
+        return cls(*ports)
 
 
 def start(server: Server, repository: Path, ports: Ports, host: str = "0.0.0.0", log_file=None) -> subprocess.Popen:

@@ -95,8 +95,10 @@ class Service:
         for options, members in groups.items():
             try:
                 results = self._call([t for _, texts in members for t in texts], dict(options))
-            except UtrError as e:  # an engine's failure fails the requests of this call, never the server
-                results = [RequestError(str(e), internal=True)] * sum(len(texts) for _, texts in members)
+            except Exception as e:  # noqa: BLE001 -- an engine's failure fails the requests of this call, never the server
+                message = str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__
+                results = [RequestError(message if isinstance(e, UtrError) else f"the engine failed: {message}", internal=True)] * \
+                    sum(len(texts) for _, texts in members)
             start = 0
             for i, texts in members:
                 answers[i] = self._pack(results[start : start + len(texts)])
@@ -160,7 +162,8 @@ class Service:
         """One request's results as its output arrays, padded where sequences differ in length."""
         failed = next(((j, r) for j, r in enumerate(results) if isinstance(r, RequestError)), None)
         if failed:
-            return failed[1] if len(results) == 1 else RequestError(f"sequence {failed[0]}: {failed[1]}", failed[1].internal)
+            j, error = failed
+            return error if len(results) == 1 or error.internal else RequestError(f"sequence {j}: {error}")
         if self.capability == "fill_mask":
             return _pack_fill_mask(results)
         name = "embedding" if self.capability == "embed" else "predictions"

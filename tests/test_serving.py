@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,21 +38,12 @@ MAX_LENGTH = 3000  # the test server's --max-length (nt)
 QUEUE_DELAY_US = 50_000  # long enough that a burst of concurrent requests meets in the batcher's queue
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 class Served:
     """A running `utrexport serve` (or a tritonserver started on a written repository), on free local ports."""
 
     def __init__(self, log: Path, command: list[str] | None = None, repository: Path | None = None):
-        self.http, self.grpc, self.metrics = free_ports(3)
+        ports = triton.Ports.free()
+        self.http, self.grpc, self.metrics = ports.http, ports.grpc, ports.metrics
         self.log = log
         with open(log, "wb") as out:
             if repository is None:
@@ -61,7 +51,7 @@ class Served:
                                                            "--metrics-port", str(self.metrics)], stdout=out, stderr=subprocess.STDOUT)
             else:
                 server = triton.find_server(None, None, print)
-                self.process = triton.start(server, repository, triton.Ports(self.http, self.grpc, self.metrics), "127.0.0.1", out)
+                self.process = triton.start(server, repository, ports, "127.0.0.1", out)
         try:
             triton.wait_ready(self.process, "127.0.0.1", self.http, timeout=300)
         except Exception:
@@ -444,3 +434,22 @@ def test_the_readme_requests_work(tmp_path_factory, bundles):
         assert ran == 3
     finally:
         served.stop()
+
+
+def test_an_engine_failure_fails_its_requests_not_the_server(local):
+    """Whatever the engine raises fails the requests of that call (HTTP 500, one line); other calls are answered."""
+    model = local["mlm"]
+    original = model.embed
+
+    def failing(texts, **options):
+        if options["pooling"] == "cls":
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : out of memory\nmore detail")
+        return original(texts, **options)
+
+    model.embed = failing
+    try:
+        answers = Service(model, "embed").run([(seqs(2), {"pooling": "cls"}), (seqs(1), {})])
+    finally:
+        model.embed = original
+    assert str(answers[0]) == "the engine failed: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : out of memory" and answers[0].internal
+    close(answers[1]["embedding"], original(seqs(1)))
