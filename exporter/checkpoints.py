@@ -9,17 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from utr_runtime.bundle import sha256_file
+from utr_runtime.bundle import MAX_LABELS, NOT_PRINTABLE, PROBLEM_TYPES, RESERVED_LABELS, sha256_file
 from utr_runtime.errors import UtrError
 from utr_runtime.tokenizer import KmerTokenizer
 
-from .network import ACTIVATIONS, HEAD_TRANSFORMS, PROBLEM_TYPES, TaskHead, UtrBert, UtrBertConfig
+from .network import ACTIVATIONS, HEAD_TRANSFORMS, TaskHead, UtrBert, UtrBertConfig
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # multimolecule's conversion of original checkpoints draws the rows new to its vocabulary from this seed.
@@ -212,7 +211,7 @@ def _label_names(config: dict, task: TaskHead, where: str = "checkpoint") -> tup
     for i, name in id2label.items():
         if not (isinstance(i, int) or (isinstance(i, str) and i.isdigit())):
             raise CheckpointError(f"{where}: config id2label has the key {i!r}; keys are label ids 0, 1, ...")
-        if not isinstance(name, str) or not name or _NOT_PRINTABLE.search(name) or name in ("id", "label"):
+        if not isinstance(name, str) or not name or NOT_PRINTABLE.search(name) or name in RESERVED_LABELS:
             raise CheckpointError(f"{where}: label name {name!r} cannot name a column: names are printable text without tabs or "
                                   "line breaks, and not 'id' or 'label'")
         names[int(i)] = name
@@ -281,8 +280,6 @@ def _remap_rows(words: torch.Tensor, bias: torch.Tensor | None, old_vocab: list[
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-MAX_LABELS = 65536  # task outputs: far above any real head, far below what would exhaust memory
-_NOT_PRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # control characters: tabs, line breaks, terminal escapes
 SIZE_LIMITS = {  # generous bounds: a config outside them is a wrong or hostile file, not a model
     "hidden_size": (1, 16384), "num_hidden_layers": (1, 256), "num_attention_heads": (1, 1024),
     "intermediate_size": (1, 65536), "max_position_embeddings": (3, 65536), "type_vocab_size": (1, 64),

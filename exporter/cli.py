@@ -86,9 +86,9 @@ def _load(bundle: str, **options):
     return model
 
 
-def _running(precision: str, engine: str, device: str, threads: int | None, where: str = "") -> str:
+def _running(precision: str, engine: str, device: str, threads: int | None, where: str = "", verb: str = "running") -> str:
     """What a run chose, said once at its start (engine auto, threads by default)."""
-    return f"running {precision} on {engine}{where} ({_threads(device, threads)})"
+    return f"{verb} {precision} on {engine}{where} ({_threads(device, threads)})"
 
 
 def _threads(device: str, threads: int | None) -> str:
@@ -548,7 +548,7 @@ def fill_mask(bundle, text, top_k, precision, device, engine, as_json) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", utr_runtime.InputWarning)
         answer = model.fill_mask(text, top_k=top_k)
-    _log(_running(model.precision, model.engine, model.device, None).replace("running", "ran", 1))
+    _log(_running(model.precision, model.engine, model.device, None, verb="ran"))
     for warning in caught:
         _log(f"warning: {warning.message}")
     if as_json:

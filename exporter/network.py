@@ -22,8 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-TASK_LEVELS = ("sequence", "nucleotide", "contact")
-PROBLEM_TYPES = ("binary", "multiclass", "multilabel", "regression")
 HEAD_TRANSFORMS = ("identity", "linear", "nonlinear")
 # Activations a head may name (transformers' ACT2FN names) and their export-friendly equivalents.
 ACTIVATIONS = {

@@ -3,12 +3,9 @@ on a cluster (where the reader runs apart from the driver and judges records ali
 
 from __future__ import annotations
 
-import re
+from utr_runtime.bundle import NOT_PRINTABLE
 
 MAX_ID_LENGTH = 256  # ids are stored whole in every output; a longer "id" is a wrong file or a FASTA header gone awry
-# Control characters in an id: NumPy strips trailing NULs (">a\0" and ">a" collide in .npz), tabs and line breaks
-# split TSV rows, escapes reach terminals. An id holds printable text only.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def valid_chunks(input: str, column: str | None, chunk: int, check, judged, skip: bool, max_length: int):
@@ -23,7 +20,7 @@ def valid_chunks(input: str, column: str | None, chunk: int, check, judged, skip
         for (name, seq), problem in zip(batch, check([s for _, s in batch])):
             if len(name) > MAX_ID_LENGTH:
                 judged(name[:40] + "...", f"id of {len(name):,} characters; ids are at most {MAX_ID_LENGTH}")
-            elif _CONTROL.search(name):
+            elif NOT_PRINTABLE.search(name):  # ">a\0" and ">a" were one id in .npz (NumPy strips trailing NULs)
                 judged(name.encode("unicode_escape").decode("ascii"), "control character in the id (ids are printable text)")
             elif name in seen:
                 judged(name, f"duplicate sequence id {name!r}" + (" (the first record with it is kept)" if skip else ""))

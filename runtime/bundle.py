@@ -105,21 +105,22 @@ class Bundle:
     def file(self, name: str) -> Path:
         """A file the runtime may open: a plain name inside the bundle, listed in the manifest with its checksum,
         and a regular file (not a link, which could point anywhere, nor a fifo or device, which would hang)."""
+        path = self._listed(name)
+        if self.check:
+            self._check_sum(name, path)
+        return path
+
+    def _listed(self, name: str) -> Path:
         path = self.new_file(name)
         if name not in self.manifest["files"]:
             raise BundleError(f"{self.path}: {name} is not listed with a checksum in the manifest; it is not opened")
         _regular(path, self.path, name)
-        if self.check:
-            self._check_sum(name, path)
         return path
 
     def read(self, name: str) -> bytes:
         """A file's bytes, checked against its checksum: the very bytes that were hashed are the ones returned, so a
         file swapped after the check is never what runs."""
-        path = self.new_file(name)
-        if name not in self.manifest["files"]:
-            raise BundleError(f"{self.path}: {name} is not listed with a checksum in the manifest; it is not opened")
-        _regular(path, self.path, name)
+        path = self._listed(name)
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
@@ -286,8 +287,11 @@ def _check_schema(m: dict, where: Path) -> None:
 
 TASK_LEVELS = ("sequence", "nucleotide", "contact")
 PROBLEM_TYPES = ("binary", "multiclass", "multilabel", "regression")
-MAX_LABELS = 65536
-_NOT_PRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # tabs, line breaks, terminal escapes: never in a column name
+MAX_LABELS = 65536  # task outputs: far above any real head, far below what would exhaust memory
+RESERVED_LABELS = ("id", "label")  # columns of their own in every prediction table
+# Control characters: tabs and line breaks split table rows, escapes reach terminals, NumPy strips trailing NULs.
+# Never in a label or an id.
+NOT_PRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def _check_task(task, fail) -> None:
@@ -298,9 +302,9 @@ def _check_task(task, fail) -> None:
     if type(n) is not int or not 1 <= n <= MAX_LABELS or (task["problem_type"] == "multiclass" and n < 2):
         fail(f"task num_labels must be an integer from {2 if task['problem_type'] == 'multiclass' else 1} to {MAX_LABELS}, not {n!r}")
     names = labels + ([negative] if negative is not None else []) if isinstance(labels, list) else None
-    if names is None or len(labels) != n or not all(isinstance(x, str) and x and not _NOT_PRINTABLE.search(x) for x in names):
+    if names is None or len(labels) != n or not all(isinstance(x, str) and x and not NOT_PRINTABLE.search(x) for x in names):
         fail(f"task labels must be {n} printable names (num_labels)")
-    if len(set(labels)) < n or {"id", "label"} & set(labels):
+    if len(set(labels)) < n or set(RESERVED_LABELS) & set(labels):
         fail("task labels must be distinct and not 'id' or 'label' (each names a column of its own)")
 
 
