@@ -24,6 +24,7 @@ from utr_runtime.tokenizer import KmerTokenizer
 from utr_runtime.verify import verify
 
 from .checkpoints import Checkpoint
+from .writers import current_umask
 from .onnx_export import ATTENTION_FORMS, OPSET, export_onnx
 from .precision import CALIBRATION_METHODS, FP16_SCHEME, INT8_SCHEMES, export_fp16, quantize_int8
 
@@ -75,6 +76,7 @@ def build_bundle(
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))  # fresh, ours alone
     try:
+        os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes it 0700: workers running as another user must read the bundle
         _build_into(work, checkpoint, precisions, calibration, attention, log)
         _replace(work, output, force)
     finally:

@@ -372,13 +372,15 @@ class _Runner:
 
     def _start_ray(self, bundle: str, input: str):
         import importlib.util
+        import os
 
         import utr_runtime
 
         if importlib.util.find_spec("ray") is None:
             raise CommandError("--ray needs Ray: pip install 'utrexport[ray]'")
-        if input == "-":
-            raise CommandError("--ray reads a file (the cluster's reader cannot read this terminal's stdin); write the sequences to a file")
+        if input == "-" or (os.path.exists(input) and _file_state(input) is None):
+            raise CommandError("--ray reads a regular file (the cluster's reader cannot read this process's stdin or a pipe); "
+                               "write the sequences to a file")
         if self.load_options["device"] == "tensorrt":
             raise CommandError("--ray with --device tensorrt is not supported yet: TensorRT engines are built per GPU; use --device cuda")
         opened = utr_runtime.Bundle(bundle)
@@ -414,7 +416,7 @@ class _Runner:
         for batch in valid_chunks(input, column, chunk, self.problems, judged, skip, max_length):
             names, seqs = [n for n, _ in batch], [s for _, s in batch]
             try:
-                result = run(seqs, progress=progress.advance, **self.options)
+                result = _in_background(run, seqs, progress=progress.advance, **self.options)
             except InputError as e:
                 if e.index is None:
                     raise
@@ -430,14 +432,37 @@ class _Runner:
         return result, task_outputs(self.task["problem_type"], result) if self.options["logits"] else result
 
 
+def _in_background(fn, *args, **kwargs):
+    """fn(*args, **kwargs), computed in a daemon thread while this one waits. Signal handlers run in the main thread
+    only, and only between bytecodes: an engine call running here would hold off SIGTERM and Ctrl-C until it returned
+    (minutes on a long batch). Waiting here instead, they end the run at once and remove its partial outputs."""
+    import queue
+    import threading
+
+    done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def work():
+        try:
+            done.put((True, fn(*args, **kwargs)))
+        except BaseException as e:  # noqa: BLE001 -- handed to the waiting thread, which raises it
+            done.put((False, e))
+
+    threading.Thread(target=work, name="utrexport-engine", daemon=True).start()
+    finished, value = done.get()
+    if not finished:
+        raise value
+    return value
+
+
 CHUNK, RAY_CHUNK = 512, 16  # --chunk defaults: on a cluster, the unit of work an actor takes
 
 
 def _stream(input: str, column: str | None, chunk: int | None, runner: _Runner, writer, skip_invalid: bool, output: str, max_length: int) -> None:
     """Read INPUT `chunk` records at a time, run them and write the results, reporting progress per batch.
 
-    Records are judged before any model work: a file is scanned whole first (stdin as it streams), so a bad
-    record near the end of a large input costs seconds, not the run. A bad record (duplicate id, no k-mer, ...)
+    Records are judged before any model work: a regular file is scanned whole first (stdin or a pipe as it streams),
+    so a bad record near the end of a large input costs seconds, not the run; a file that changes between the two
+    reads is an error, never a silently different run. A bad record (duplicate id, no k-mer, ...)
     is an error naming it, or with `skip_invalid` is left out and listed in OUTPUT.skipped.tsv. No output is left
     behind unless the run completes.
     """
@@ -455,15 +480,23 @@ def _stream(input: str, column: str | None, chunk: int | None, runner: _Runner, 
             raise InputError(f"{label}: record {name!r}: {reason}")
         skipped.append((name, reason))
 
-    if input != "-":  # judged here, once: the run below meets the same records again and skips them silently
+    state = _file_state(input)
+    read_twice = state is not None  # a regular file; stdin, a pipe or <(...) can be read once, and is judged as it streams
+    if read_twice:  # judged here, once: the run below meets the same records again and skips them silently
         valid = sum(len(batch) for batch in valid_chunks(input, column, chunk, runner.problems, judged, skip_invalid, max_length))
         if not valid:
             raise InputError(f"{label}: no valid sequences" if skipped else f"{label}: no sequences")
         judged = lambda name, reason: None  # noqa: E731
     _log(runner.choice)  # once the input is judged: a bad record's error stays the one line
+
+    def changed():  # records added or rewritten between the two reads: the run would not be what was judged
+        raise InputError(f"{label} changed while this run read it; nothing was written: run again on a file that stays still, or pipe it in")
+
     unknown = 0
     with _Progress(_size_estimate(input)) as progress:
         for names, seqs, result in runner.results(input, column, chunk, max_length, judged, skip_invalid, progress):
+            if read_twice and _file_state(input) != state:
+                changed()
             writer.write(names, result)
             progress.chunk_done(len(names), sum(map(len, seqs)))
             unknown += sum(1 for s in seqs if foreign_letter(s))
@@ -471,6 +504,8 @@ def _stream(input: str, column: str | None, chunk: int | None, runner: _Runner, 
                 _suggest_faster(runner, progress.eta())
         if writer.rows == 0:
             raise InputError(f"{label}: no valid sequences" if skipped else f"{label}: no sequences")
+        if read_twice and writer.rows != valid:
+            changed()
     if skipped:
         report = _write_skipped(output, skipped)
         _log(f"skipped {len(skipped)} invalid record(s), listed in {report}")
@@ -509,6 +544,19 @@ def _write_skipped(output: str, skipped: list[tuple[str, str]]) -> str:
     return report
 
 
+def _file_state(input: str) -> tuple | None:
+    """What tells a regular file's content changed (identity, size, modification time); None for what is read once
+    (stdin, a pipe, a process substitution)."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(input) if input != "-" else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if st and stat.S_ISREG(st.st_mode) else None
+
+
 def _size_estimate(input: str) -> int | None:
     """About how many nucleotides INPUT holds, for an ETA: its size (uncompressed size for gzip); None for stdin."""
     import os
@@ -518,10 +566,13 @@ def _size_estimate(input: str) -> int | None:
     size = os.path.getsize(input)
     try:
         with open(input, "rb") as f:
-            if f.read(2) == b"\x1f\x8b" and size >= 18:  # gzip: its trailer holds the uncompressed size mod 2**32
+            start = f.read(6)
+            if start[:2] == b"\x1f\x8b" and size >= 18:  # gzip: its trailer holds the uncompressed size mod 2**32
                 f.seek(-4, os.SEEK_END)
                 stored = int.from_bytes(f.read(4), "little")
                 return max(stored, size)  # a file over 4 GiB uncompressed wraps; never guess below the compressed size
+            if start.startswith((b"BZh", b"\xfd7zXZ\x00")):  # bzip2, xz: no stored size to estimate from
+                return None
     except OSError:
         return None
     return size

@@ -98,6 +98,8 @@ def start(address: str | None, log) -> None:
 
     if ray.is_initialized():
         return
+    if address and address != "auto":
+        _check_reachable(address)
     # Not the user's business: a local Ray's note that it enabled token authentication (it stays enabled), and Ray
     # Data's note that its progress bars are off (the CLI reports progress itself).
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -111,6 +113,31 @@ def start(address: str | None, log) -> None:
     resources = ray.cluster_resources()
     log(f"Ray {'cluster at ' + address if address else 'started locally'}: {int(resources.get('CPU', 0))} CPUs, "
         f"{int(resources.get('GPU', 0))} GPUs, {len(ray.nodes())} node(s)")
+
+
+REACH_TIMEOUT = 10.0  # seconds to open a TCP connection to a cluster's address (Ray itself retries for ever)
+
+
+def _check_reachable(address: str) -> None:
+    """One line, within seconds, for an address no Ray cluster answers at: ray.init would retry it for ever."""
+    import importlib.util
+    import socket
+
+    from utr_runtime.errors import UtrError
+
+    client = address.startswith("ray://")
+    if client and importlib.util.find_spec("grpc") is None:
+        raise UtrError("--ray ray://... connects through Ray Client, which needs grpcio: pip install 'ray[client]'")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UtrError(f"--ray {address}: give HOST:PORT (the head node's GCS, port 6379 by default), ray://HOST:PORT (Ray Client, "
+                       "port 10001) or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT).close()
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e)).lower()
+        raise UtrError(f"--ray {address}: no Ray cluster answers there ({reason}); start one with `ray start --head`, "
+                       "or check the address and port") from None
 
 
 class SequenceFile(Datasource):

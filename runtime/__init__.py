@@ -6,11 +6,11 @@
 """
 
 from .bundle import Bundle
-from .errors import BundleError, InputError, InputWarning, UntrainedModelWarning, UtrError
+from .errors import BundleError, EngineError, InputError, InputWarning, UntrainedModelWarning, UtrError
 from .model import Model, load
 from .tokenizer import KmerTokenizer
 from .verify import verify
 
 __version__ = "0.1.0"
-__all__ = ["Bundle", "BundleError", "InputError", "InputWarning", "KmerTokenizer", "Model", "UntrainedModelWarning", "UtrError", "load", "verify",
+__all__ = ["Bundle", "BundleError", "EngineError", "InputError", "InputWarning", "KmerTokenizer", "Model", "UntrainedModelWarning", "UtrError", "load", "verify",
            "__version__"]

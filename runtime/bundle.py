@@ -211,6 +211,11 @@ class Bundle:
             self._check_sum(name, self.file(name))
 
 
+def _files_by_key(entries) -> bool:
+    """An object whose values are objects naming a 'file'."""
+    return isinstance(entries, dict) and all(isinstance(v, dict) and isinstance(v.get("file"), str) for v in entries.values())
+
+
 def _plain_name(name) -> bool:
     """A file name that stays inside the bundle folder: no path separators, no '..', not the manifest itself."""
     return isinstance(name, str) and name not in ("", ".", "..", MANIFEST) and not any(c in name for c in "/\\\0") \
@@ -272,8 +277,13 @@ def _check_schema(m: dict, where: Path) -> None:
     outside = [name for name in m["files"] if not _plain_name(name)]
     if outside:
         fail(f"the manifest names a file {outside[0]!r}: only plain names inside the bundle are allowed")
-    if not isinstance(m["models"], dict) or not all(isinstance(v, dict) and isinstance(v.get("file"), str) for v in m["models"].values()):
-        fail("'models' must map precisions to objects with a 'file'")
+    if not _files_by_key(m["models"]) or not all(_files_by_key(v.get("variants", {})) for v in m["models"].values()):
+        fail("'models' must map precisions to objects with a 'file' (and 'variants' devices to such objects)")
+    if not isinstance(m.get("left_out", {}), dict) or not all(isinstance(v, list) for v in m.get("left_out", {}).values()):
+        fail("'left_out' must map precisions to the failures that left them out")
+    engines = m.get("engines", {})
+    if not _files_by_key(engines) or not all(isinstance(e.get(key), str) for e in engines.values() for key in ("tensorrt", "gpu", "compute_capability")):
+        fail("'engines' must map precisions to TensorRT engine records (file, tensorrt, gpu, compute_capability)")
     if not names(m["inputs"]) or not names(m["outputs"]):
         fail("'inputs' and 'outputs' must be lists of objects with a 'name'")
     if [i["name"] for i in m["inputs"]][:2] != ["input_ids", "attention_mask"] or "last_hidden_state" not in [o["name"] for o in m["outputs"]]:

@@ -22,6 +22,16 @@ class BundleError(UtrError):
     """A bundle folder that is missing, incomplete, corrupted or of another format."""
 
 
+class EngineError(UtrError):
+    """The engine failed while running a model it had loaded (out of memory, an input it cannot take)."""
+
+
+def engine_failed(name: str, engine: str, error: Exception) -> EngineError:
+    """One line from an engine's multi-line failure message."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return EngineError(f"{name}: {engine} failed while running it ({text})")
+
+
 class UntrainedModelWarning(UserWarning):
     """The bundle holds untrained (random-init) weights: its outputs are fit for tests and speed, not for analysis."""
 

@@ -134,7 +134,7 @@ class Model:
         single = isinstance(sequences, str)
         sequences = [sequences] if single else list(sequences)
         kmers = self._kmers(sequences, strict)
-        window = self.max_tokens - 2
+        window = self._window(overlap)
         windows = [
             w
             for i, ids in enumerate(kmers)
@@ -173,6 +173,13 @@ class Model:
     def max_kmers(self) -> int | None:
         """The most k-mers predict() takes in one sequence (contact maps cover one window), or None for no limit."""
         return self.max_tokens - 2 if self.task and self.task["level"] == "contact" else None
+
+    def _window(self, overlap: int) -> int:
+        """The k-mers of one window, which `overlap` must leave room in."""
+        window = self.max_tokens - 2
+        if not isinstance(overlap, (int, np.integer)) or isinstance(overlap, bool) or not 0 <= overlap < window:
+            raise InputError(f"overlap must be an integer from 0 to {window - 1} k-mers (a window holds {window}), not {overlap!r}")
+        return window
 
     def _window_outputs(self, windows: list[Window], kmers: list[np.ndarray], name: str, batch_size: int, max_batch_tokens: int, progress):
         """(window, its rows of output `name`, unpadded) for every window, run in length-sorted batches.
@@ -249,7 +256,7 @@ class Model:
         single = isinstance(sequences, str)
         sequences = [sequences] if single else list(sequences)
         kmers = self._kmers(sequences, strict, self.max_kmers)
-        level, window = task["level"], self.max_tokens - 2
+        level, window = task["level"], self._window(overlap)
         extent = self.k - 1 if level == "nucleotide" else 0
         windows = [w for i, ids in enumerate(kmers) for w in split_windows(i, len(ids), window, overlap, extent)]
         finish = (lambda x: x.astype(np.float32)) if logits else (lambda x: task_outputs(task["problem_type"], x))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import zipfile
 
 import numpy as np
 
@@ -15,14 +17,42 @@ FIXTURE_INPUTS = ("input_ids", "attention_mask", "mask_positions")
 
 
 def load_fixtures(bundle: Bundle) -> dict[str, np.ndarray]:
+    """The parity fixtures, checked for what verify feeds and compares: the model's inputs and every output it gives,
+    token ids inside the vocabulary, a 0/1 mask and mask positions inside their rows."""
     name = bundle.manifest.get("fixtures")
-    if not name:
+    if not isinstance(name, str) or not name:
         raise BundleError(f"{bundle.path}: the manifest names no parity fixtures")
     try:
-        with np.load(bundle.file(name)) as data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{bundle.path}: cannot read {name} ({e})") from None
+        with np.load(io.BytesIO(bundle.read(name)), allow_pickle=False) as data:
+            fixtures = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise BundleError(f"{bundle.path}: cannot read {name} ({str(e)[:200]})") from None
+    problem = _fixture_problem(fixtures, bundle)
+    if problem:
+        raise BundleError(f"{bundle.path}: {name}: {problem}")
+    return fixtures
+
+
+def _fixture_problem(fixtures: dict[str, np.ndarray], bundle: Bundle) -> str | None:
+    missing = [key for key in bundle.input_names + bundle.output_names if key not in fixtures]
+    if missing:
+        return f"no {missing[0]!r} array (the model's inputs and outputs are all needed)"
+    ids, mask = fixtures["input_ids"], fixtures["attention_mask"]
+    vocabulary = bundle.tokenizer().vocab_size
+    if ids.ndim != 2 or ids.dtype.kind not in "iu" or mask.shape != ids.shape or mask.dtype.kind not in "iu":
+        return "input_ids and attention_mask must be integer arrays of one (batch, tokens) shape"
+    if ids.size == 0 or ids.min() < 0 or ids.max() >= vocabulary or not np.isin(mask, (0, 1)).all() or ids.shape[1] > bundle.max_tokens:
+        return f"token ids must be 0 to {vocabulary - 1}, the mask 0 or 1, rows at most {bundle.max_tokens} tokens"
+    positions = fixtures.get("mask_positions")
+    if positions is not None and (positions.ndim != 2 or len(positions) != len(ids) or positions.dtype.kind not in "iu"
+                                  or positions.min(initial=0) < 0 or positions.max(initial=0) >= ids.shape[1]):
+        return "mask_positions must be (batch, positions) indices into each row"
+    if any(len(fixtures[name]) != len(ids) or fixtures[name].dtype.kind != "f" for name in bundle.output_names):
+        return "every output must be a float array with one entry per row"
+    hidden = fixtures["last_hidden_state"]
+    if hidden.shape != ids.shape + (int(bundle.manifest["model"]["config"]["hidden_size"]),):
+        return f"last_hidden_state must be (batch, tokens, hidden_size), not {hidden.shape}"
+    return None
 
 
 def verify(bundle: Bundle | str | os.PathLike, precisions=None, device: str = "cpu", threads: int | None = None, engines=None) -> list[dict]:

@@ -20,6 +20,7 @@ from utr_runtime.conformance import check
 from utr_runtime.engines import installed
 
 NODE_CLIENT = Path(__file__).parent.parent / "clients" / "node"
+HOSTILE_MANIFESTS = 15  # the cases of clients/node/test/manifest.test.js
 # The Node client vs utr_runtime, both on ONNX Runtime (Node 1.30, Python 1.32 here): float rounding only (fp32 and
 # int8 measured bit-identical). fp16 models round in half precision, and the two versions' fp16 kernels differ by an
 # occasional ulp: 2^-10 at values of 1-2 measured, so up to 2^-8 for the values up to 4 of these vectors.
@@ -140,5 +141,7 @@ def test_node_client(contract_bundles, tmp_path):
     result = subprocess.run([node, "--test", "--test-reporter=spec", *sorted(map(str, (NODE_CLIENT / "test").glob("*.test.js")))],
                             cwd=NODE_CLIENT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert f"pass {len(contract_bundles) * 4 + len(records)}\n" in result.stdout, result.stdout[-3000:]  # none skipped
+    # none skipped: 4 conformance tests per bundle, one parity test per record, and the hostile-manifest cases
+    assert "skipped 0\n" in result.stdout and f"pass {len(contract_bundles) * 4 + len(records) + HOSTILE_MANIFESTS}\n" in result.stdout, \
+        result.stdout[-3000:]
     print(*[line for line in result.stdout.splitlines() if "max abs difference" in line], sep="\n")

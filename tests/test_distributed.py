@@ -89,4 +89,61 @@ def test_ray_refuses_stdin_clearly(tiny_bundle, tmp_path):
     done = subprocess.run([*CLI, "embed", tiny_bundle(3, "pretraining"), "-", "-o", tmp_path / "x.npy", "--ray"], input="ACGUACGU\n",
                           capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert "--ray reads a file" in done.stderr and not os.path.exists(tmp_path / "x.npy")
+    assert "--ray reads a regular file" in done.stderr and not os.path.exists(tmp_path / "x.npy")
+
+
+def test_an_address_no_cluster_answers_is_one_line_within_seconds(tiny_bundle, tmp_path):
+    """Ray itself retries an unreachable address for ever (still retrying at 300 s)."""
+    fasta = write_fasta(tmp_path / "in.fa", real_utrs()[:2])
+    start = time.monotonic()
+    done = subprocess.run([*CLI, "embed", tiny_bundle(3, "pretraining"), fasta, "-o", tmp_path / "x.npz", "--ray", "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and time.monotonic() - start < 60
+    assert "--ray 127.0.0.1:1: no Ray cluster answers there (connection refused)" in done.stderr, done.stderr
+
+
+def test_ray_client_without_grpc_is_named(monkeypatch):
+    import importlib.util
+
+    from utr_runtime.errors import UtrError
+    from utrexport import distributed
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "grpc" else find_spec(name, *a))
+    with pytest.raises(UtrError, match=r"needs grpcio: pip install 'ray\[client\]'"):
+        distributed._check_reachable("ray://127.0.0.1:10001")
+    with pytest.raises(UtrError, match="give HOST:PORT"):
+        distributed._check_reachable("nowhere")
+
+
+def test_a_node_removed_mid_run_costs_nothing(tiny_bundle, tmp_path):
+    """A simulated cluster on this machine (ray.cluster_utils.Cluster: a head and two worker nodes, one CPU each, each
+    node its own raylet and object store); one worker node is removed while the run is going. Ray restarts its actors
+    on the nodes left and rebuilds lost blocks from lineage: the run completes with every record once, in order, and
+    the answers of one process."""
+    from ray.cluster_utils import Cluster
+
+    bundle = tiny_bundle(3, "pretraining")
+    fasta = write_fasta(tmp_path / "utrs.fa", real_utrs(copies=4))
+    run("embed", bundle, fasta, "-o", tmp_path / "local.npz")
+    # A removed node is declared dead after 2 missed 1-second health checks (Ray's default waits about 30 s).
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": {"health_check_period_ms": 1000,
+                                                                                              "health_check_failure_threshold": 2}})
+    try:
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        out = tmp_path / "ray.npz"
+        driver = subprocess.Popen([*CLI, "embed", bundle, fasta, "-o", out, "--ray", cluster.address, "--workers", "3", "--chunk", "8"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while "running" not in (line := driver.stderr.readline()):
+            assert line, driver.stderr.read()
+        time.sleep(5)  # the actors are loaded and running chunks
+        assert driver.poll() is None, "the run had ended before the node was removed"
+        cluster.remove_node(nodes[0])
+        _, stderr = driver.communicate(timeout=300)
+    finally:
+        cluster.shutdown()
+    assert driver.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    local, ray = np.load(tmp_path / "local.npz"), np.load(out)
+    assert ray["ids"].tolist() == local["ids"].tolist()  # none lost, none twice
+    np.testing.assert_allclose(ray["vectors"], local["vectors"], rtol=0, atol=ATOL)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -54,3 +59,21 @@ def test_full_size_k6_equals_multimolecule(full_k6):
         got = utr_runtime.load(path, engine=engine).forward(batch["input_ids"], batch["attention_mask"])
         assert np.abs(got["last_hidden_state"] - expected.last_hidden_state.numpy())[real].max() <= ATOL, engine
         assert np.abs(got["pooler_output"] - expected.pooler_output.numpy()).max() <= ATOL, engine
+
+
+def test_sigterm_ends_a_long_engine_call_at_once(full_k6, tmp_path):
+    """SIGTERM's handler ran only when the engine's call returned (35 s for this batch on 2 cores): the engine now runs
+    in a thread the main thread waits on, so the run ends at once and removes its partial output."""
+    _, path = full_k6
+    rng = np.random.default_rng(0)
+    (tmp_path / "long.fa").write_text("".join(f">l{i}\n{''.join(rng.choice(list('ACGU'), 20_000))}\n" for i in range(4)))
+    run = subprocess.Popen([sys.executable, "-m", "utrexport.cli", "embed", str(path), str(tmp_path / "long.fa"), "-o", str(tmp_path / "o.npz"),
+                            "--batch-tokens", "65536", "--engine", "onnxruntime"], stderr=subprocess.PIPE, text=True)
+    while "running" not in run.stderr.readline():
+        assert run.poll() is None, run.stderr.read()
+    time.sleep(2)  # inside the engine's call: one batch of 128 windows
+    sent = time.monotonic()
+    run.send_signal(signal.SIGTERM)
+    run.wait(timeout=60)
+    assert time.monotonic() - sent < 5 and run.returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in run.stderr.read() and sorted(p.name for p in tmp_path.iterdir()) == ["long.fa"]

@@ -548,3 +548,208 @@ def test_json_that_python_cannot_hold_is_one_line(copy, text):
     (path / "manifest.json").write_text(text)
     with pytest.raises(BundleError, match="not valid JSON"):
         utr_runtime.Bundle(path)
+
+
+# ------------------------------------------------------------------------------------------------ round 2, the rest
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(left_out=5), "'left_out' must map precisions to the failures"),
+        (lambda m: m.update(left_out=None), "'left_out' must map precisions to the failures"),
+        (lambda m: m.update(left_out=["fp16"]), "'left_out' must map precisions to the failures"),
+        (lambda m: m.update(left_out={"fp16": "below its gate"}), "'left_out' must map precisions to the failures"),
+        (lambda m: m["models"]["fp32"].update(variants=["cpu"]), "'variants' devices to such objects"),
+        (lambda m: m["models"]["fp32"].update(variants={"cpu": "model.fp32.onnx"}), "'variants' devices to such objects"),
+        (lambda m: m.update(engines={"fp16": {"file": "engine.fp16.plan"}}), "'engines' must map precisions to TensorRT engine records"),
+        (lambda m: m.update(engines=[]), "'engines' must map precisions"),
+    ],
+)
+def test_malformed_manifest_records_are_one_line(copy, change, message):
+    path, manifest = copy
+    tampered(path, manifest, change)
+    with pytest.raises(BundleError, match=message):
+        utr_runtime.load(path)
+    for command in (["verify", str(path)], ["embed", str(path), "-", "-o", str(path.parent / "o.npz")]):
+        result = CliRunner().invoke(main, command, input=">a\nACGUAGCUAGC\n")
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_window_too_small_for_the_overlap_is_one_line(copy, tmp_path):
+    """max_tokens 3 (a window of one k-mer) left no room for the default 64-k-mer overlap: a ValueError traceback."""
+    path, manifest = copy
+    tampered(path, manifest, lambda m: m.update(max_tokens=3))
+    with pytest.raises(InputError, match="overlap must be an integer from 0 to 0 k-mers"):
+        utr_runtime.load(path).embed("ACGUAGCUAGC")
+    with pytest.raises(InputError, match="overlap must be an integer from 0 to 509"):
+        utr_runtime.load(copy_of(path, tmp_path, max_tokens=512)).embed("ACGUAGCUAGC", overlap=600)
+
+
+def copy_of(path, tmp_path, **changes):
+    fresh = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(path, fresh)
+    manifest = json.loads((fresh / "manifest.json").read_text())
+    return tampered(fresh, manifest, lambda m: m.update(changes))
+
+
+def _refixture(path, change):
+    """Rewrite fixtures.npz (and its checksum, as a forger would)."""
+    import hashlib
+
+    with np.load(path / "fixtures.npz") as data:
+        arrays = {key: data[key] for key in data.files}
+    change(arrays)
+    np.savez(path / "fixtures.npz", **arrays)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["fixtures.npz"] = hashlib.sha256((path / "fixtures.npz").read_bytes()).hexdigest()
+    write_manifest(path, manifest)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.pop("attention_mask"), "no 'attention_mask' array"),
+        (lambda a: a.pop("last_hidden_state"), "no 'last_hidden_state' array"),
+        (lambda a: a.pop("logits"), "no 'logits' array"),  # else verify would skip the MLM head unseen
+        (lambda a: a["input_ids"].__setitem__((0, 1), 99_999), "token ids must be 0 to"),
+        (lambda a: a["input_ids"].__setitem__((0, 1), -5), "token ids must be 0 to"),
+        (lambda a: a["attention_mask"].__setitem__((0, 1), 7), "the mask 0 or 1"),
+        (lambda a: a.update(mask_positions=a["mask_positions"] + 10_000), "mask_positions must be"),
+        (lambda a: a.update(last_hidden_state=a["last_hidden_state"][..., :5]), "last_hidden_state must be (batch, tokens, hidden_size)"),
+        (lambda a: a.update(input_ids=a["input_ids"].astype(np.float32)), "must be integer arrays"),
+    ],
+)
+def test_tampered_fixtures_are_one_line(copy, change, message):
+    path, _ = copy
+    _refixture(path, change)
+    result = CliRunner().invoke(main, ["verify", str(path)])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_fixtures_that_are_no_npz_are_one_line(copy):
+    path, _ = copy
+    for junk in (b"not a zip", b"PK\x03\x04broken zip"):
+        (path / "fixtures.npz").write_bytes(junk)
+        _refixture_checksum(path)
+        result = CliRunner().invoke(main, ["verify", str(path)])
+        assert result.exit_code == 1 and "cannot read fixtures.npz" in result.output and "Traceback" not in result.output, result.output
+
+
+def _refixture_checksum(path):
+    import hashlib
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["fixtures.npz"] = hashlib.sha256((path / "fixtures.npz").read_bytes()).hexdigest()
+    write_manifest(path, manifest)
+
+
+class _FailingRequest:
+    def infer(self, feeds):
+        raise RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp:223:\nstd::bad_alloc\n")
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_an_engine_failing_while_running_is_one_line(tiny_bundle, tmp_path, monkeypatch, engine):
+    """Out of memory, or anything an engine raises mid-run: one line naming the model and the engine, no output."""
+    pytest.importorskip(engine)
+    model = utr_runtime.load(tiny_bundle(3, "pretraining"), engine=engine)
+    if engine == "onnxruntime":
+        class Failing:
+            def run(self, names, feeds):
+                import onnxruntime
+
+                raise onnxruntime.capi.onnxruntime_pybind11_state.RuntimeException(
+                    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running MatMul node.\nbad_alloc")
+        model.runner.session = Failing()
+    else:
+        model.runner.idle = [_FailingRequest()]
+        model.runner.compiled = type("Compiled", (), {"create_infer_request": lambda self: _FailingRequest(), "outputs": []})()
+    with pytest.raises(utr_runtime.EngineError) as caught:
+        model.embed("ACGUAGCUAGCUAGC")
+    assert "failed while running it" in str(caught.value) and "\n" not in str(caught.value)
+    monkeypatch.setattr("utrexport.cli._load", lambda *a, **k: model)
+    (tmp_path / "in.fa").write_text(">a\nACGUAGCUAGCUAGC\n")
+    result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(tmp_path / "in.fa"), "-o", str(tmp_path / "o.npz")])
+    assert result.exit_code == 1 and "failed while running it" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fa"]
+
+
+def test_a_file_that_changes_between_judging_and_running_is_an_error(tiny_bundle, tmp_path, monkeypatch):
+    """A regular file is read twice (judged whole, then run): records appended between the reads were silently
+    dropped (602 in, 600 out). Now the run sees the change and fails, writing nothing."""
+    from utrexport import cli
+
+    fasta = tmp_path / "in.fa"
+    fasta.write_text("".join(f">{n}\n{s}\n" for n, s in real_sequences()[:6]))
+    results = cli._Runner.results
+
+    def appended_meanwhile(self, *args):
+        with open(fasta, "a") as f:
+            f.write(">late\nACGUAGCUAGCUAGGCAU\n")
+        yield from results(self, *args)
+
+    monkeypatch.setattr(cli._Runner, "results", appended_meanwhile)
+    out = tmp_path / "o.npz"
+    result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(fasta), "-o", str(out), "--chunk", "2"])
+    assert result.exit_code == 1 and "in.fa changed while this run read it; nothing was written" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fa"]
+
+
+def test_a_pipe_or_process_substitution_is_read_once(tiny_bundle, tmp_path):
+    """`<(cat x.fa)` was read twice: the judging pass drained it and the run said "no sequences"."""
+    fasta = tmp_path / "in.fa"
+    fasta.write_text("".join(f">{n}\n{s}\n" for n, s in real_sequences()[:3]))
+    out = tmp_path / "o.npz"
+    script = f'exec {sys.executable} -m utrexport.cli embed "$0" <(cat "$1") -o "$2"'
+    run = subprocess.run(["bash", "-c", script, str(tiny_bundle(3, "pretraining")), str(fasta), str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert np.load(out)["ids"].tolist() == [n for n, _ in real_sequences()[:3]]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("# made by a tool\n; an old-style comment\n>a desc\nACGU\nAC\n;inside\n>b\nGGGG\n", [("a", "ACGUAC"), ("b", "GGGG")]),
+        ("# a comment\n#id\tsequence\nx\tACGU\ny\tGGCC\n", [("x", "ACGU"), ("y", "GGCC")]),
+        ("# a comment\nid,sequence\nx,ACGU\n", [("x", "ACGU")]),
+        ("# a comment\nACGU\nGGCC\n", [("1", "ACGU"), ("2", "GGCC")]),
+        ("id sequence\na ACGUAGC\nb GGCAUUA\n", "line 1 holds spaces, so this is not one sequence per line"),
+        ("ACGUAGC\n>b\nGGCAUUA\n", "line 2 starts with '>', so this is not one sequence per line"),
+        ("text before the header\n>a\nACGU\n", "line 1 holds spaces"),
+    ],
+)
+def test_comment_lines_and_ambiguous_files(tmp_path, text, expected):
+    """A FASTA whose first line was a comment, or a space-separated table, was read one sequence per line: headers
+    became sequences (2 records gave 6 rows)."""
+    path = tmp_path / "in.txt"
+    path.write_text(text)
+    if isinstance(expected, str):
+        with pytest.raises(InputError, match=expected):
+            list(read_sequences(path))
+    else:
+        assert list(read_sequences(path)) == expected
+
+
+@pytest.mark.parametrize("compress, suffix", [("bz2", ".bz2"), ("lzma", ".xz")])
+def test_bzip2_and_xz_are_read_and_zstd_is_named(tmp_path, compress, suffix):
+    import importlib
+
+    records = real_sequences()[:3]
+    text = "".join(f">{n}\n{s}\n" for n, s in records).encode()
+    path = tmp_path / f"in.fa{suffix}"
+    path.write_bytes(importlib.import_module(compress).compress(text))
+    assert list(read_sequences(path)) == list(records)
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(InputError, match="truncated or corrupt compressed data|cannot be read"):
+        list(read_sequences(path))
+    (tmp_path / "in.fa.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(20))
+    with pytest.raises(InputError, match="zstd-compressed; gzip, bzip2 and xz are read"):
+        list(read_sequences(tmp_path / "in.fa.zst"))
+
+
+def test_bundle_folders_follow_the_umask(tiny_bundle):
+    """mkdtemp made bundles 0700: a worker running as another user could not read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert tiny_bundle(3, "pretraining").stat().st_mode & 0o777 == 0o777 & ~umask

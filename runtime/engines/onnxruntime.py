@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import UtrError
+from ..errors import UtrError, engine_failed
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -29,11 +29,15 @@ class OnnxRuntimeRunner:
             self.session = ort.InferenceSession(model, options, providers=PROVIDERS[device])
         except Exception as e:
             raise UtrError(f"{name}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
-        self.device = device
+        self.device, self.name = device, name
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_shapes = {o.name: tuple(d if isinstance(d, int) else None for d in o.shape) for o in self.session.get_outputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.session.run(self.output_names, {name: feeds[name] for name in self.input_names})
+        feeds = {name: feeds[name] for name in self.input_names}
+        try:
+            outputs = self.session.run(self.output_names, feeds)
+        except Exception as e:  # noqa: BLE001 -- ONNX Runtime's errors have no common base but Exception
+            raise engine_failed(self.name, "ONNX Runtime", e) from None
         return dict(zip(self.output_names, outputs))

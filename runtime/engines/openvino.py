@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from ..errors import UtrError
+from ..errors import UtrError, engine_failed
 
 INFERENCE_PRECISIONS = {"f32": "f32", "bf16": "bf16"}
 
@@ -66,14 +66,18 @@ class OpenVinoRunner:
         # run takes an idle request from this pool (made when none is idle, so as many as threads run at once).
         self.idle = [self.compiled.create_infer_request()]
         self.lock = threading.Lock()
-        self.device = device
+        self.device, self.name = device, name
         self.inference_precision = inference_precision
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self.lock:
             request = self.idle.pop() if self.idle else self.compiled.create_infer_request()
         try:
-            results = request.infer({name: feeds[name] for name in self.input_names})
+            feeds = {name: feeds[name] for name in self.input_names}
+            try:
+                results = request.infer(feeds)
+            except Exception as e:  # noqa: BLE001 -- OpenVINO raises RuntimeError and others
+                raise engine_failed(self.name, "OpenVINO", e) from None
             # Copies: the request's output memory is reused by its next inference.
             return {name: np.array(results[port]) for name, port in zip(self.output_names, self.compiled.outputs)}
         finally:

@@ -1,7 +1,7 @@
 // Embeddings, fill-mask and task predictions over a bundle, with onnxruntime-node (docs/spec.md sections 4-8).
 import ort from 'onnxruntime-node';
 
-import { Bundle } from './bundle.js';
+import { Bundle, BundleError } from './bundle.js';
 import { CLS, EOS, KmerTokenizer, MASK, PAD, problem } from './tokenizer.js';
 import { planBatches, splitWindows } from './windows.js';
 
@@ -18,7 +18,26 @@ export async function load(folder, { precision = 'fp32', threads = 0 } = {}) {
   const tokenizer = KmerTokenizer.fromSpec(bundle.json(bundle.manifest.tokenizer));
   if (tokenizer.k !== bundle.k) throw new Error(`${bundle.path}: tokenizer k=${tokenizer.k}, model k=${bundle.k}`);
   const session = await ort.InferenceSession.create(bundle.modelFile(precision), { intraOpNumThreads: threads });
+  checkShapes(bundle, session);
   return new Model(bundle, tokenizer, session, precision);
+}
+
+/** The manifest's hidden size and task record against the model's own output shapes, before anything is allocated
+ * from them: a wrong hidden_size gave silently wrong vectors. */
+function checkShapes(bundle, session) {
+  const shapes = Object.fromEntries(session.outputNames.map((name, i) => [name, session.outputMetadata?.[i]?.shape ?? []]));
+  const hidden = shapes.last_hidden_state?.at(-1);
+  if (hidden !== bundle.hiddenSize) {
+    throw new BundleError(`${bundle.path}: the manifest says hidden_size ${bundle.hiddenSize}, the model gives ${hidden}`);
+  }
+  const task = bundle.task;
+  if (!task) return;
+  const logits = shapes.task_logits ?? [];
+  const rank = { sequence: 2, nucleotide: 3, contact: 4 }[task.level];
+  if (logits.length !== rank || logits.at(-1) !== task.num_labels) {
+    const stated = `(${logits.map((d) => (typeof d === 'number' ? d : '?')).join(', ')})`;
+    throw new BundleError(`${bundle.path}: the task record (${task.level} level, ${task.num_labels} labels) does not match the model's task_logits ${stated}`);
+  }
 }
 
 export class Model {
