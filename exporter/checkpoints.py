@@ -342,6 +342,9 @@ def _checked(checkpoint: Checkpoint) -> Checkpoint:
             got = tuple(checkpoint.state_dict[name].shape)
             raise CheckpointError(f"{where}: {name} has shape {got}, expected {tuple(tensor.shape)}")
     checkpoint.state_dict = {name: t.to(torch.float32) for name, t in checkpoint.state_dict.items()}
+    broken = next((name for name, t in checkpoint.state_dict.items() if not torch.isfinite(t).all()), None)
+    if broken:  # every output would be inf or NaN, and int8 calibration cannot bin them
+        raise CheckpointError(f"{where}: {broken} holds inf or NaN values; a model with non-finite weights cannot be exported")
     return checkpoint
 
 

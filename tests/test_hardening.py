@@ -753,3 +753,19 @@ def test_bundle_folders_follow_the_umask(tiny_bundle):
     umask = os.umask(0)
     os.umask(umask)
     assert tiny_bundle(3, "pretraining").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_checkpoint_with_non_finite_weights_is_one_line(tiny_checkpoint, tmp_path):
+    """An inf encoder weight ended the default int8 build in numpy's histogram ValueError."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = tiny_checkpoint(3, "base")
+    edited = tmp_path / "ckpt"
+    shutil.copytree(folder, edited)
+    weights = load_file(edited / "model.safetensors")
+    name = next(n for n in weights if n.endswith("intermediate.dense.weight"))
+    weights[name][0, 0] = float("inf")
+    save_file(weights, edited / "model.safetensors")
+    result = CliRunner().invoke(main, ["build", "--kmer", "3", "--checkpoint", str(edited), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "holds inf or NaN values" in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "b").exists()
