@@ -251,19 +251,23 @@ def verify_command(bundle, precision, device, engines) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True)
 @click.option("--profile", "profiles", multiple=True, metavar="MIN,OPT,MAX",
               help="Optimization profile as MIN,OPT,MAX BATCHxTOKENS, min batch 1, repeatable [default: 1x1,32x128,64x128 and "
-                   "1x129,8x512,64x512]. Larger batches run in row slices.")
+                   "1x129,8x512,64x512; on a GPU with under 16 GB a quarter of the rows]. Larger batches run in row slices.")
+@click.option("--tf32", is_flag=True, help="Let fp32 layers run in TF32 (Ampere and later; off by default: fp32 is judged at max abs "
+                                           "1e-4, TF32 by the tf32 tolerances).")
+@click.option("--mask-positions", type=click.IntRange(1, 512), default=64, show_default=True,
+              help="Masked positions per row the engine of an MLM bundle takes (fill-mask's <mask> count).")
 @_fail_cleanly
-def engine(bundle, precision, profiles) -> None:
+def engine(bundle, precision, profiles, tf32, mask_positions) -> None:
     """Build a TensorRT engine from the bundle's ONNX model of one precision (needs a GPU and TensorRT 10.14+, or 10.0+
     for a bundle built with --attention plain)."""
     import importlib.util
 
     if importlib.util.find_spec("onnx") is None:  # the readiness check reads the model before TensorRT does
         raise CommandError("utrexport engine needs the onnx package: pip install 'utrexport[tensorrt]'")
-    from .tensorrt_build import DEFAULT_PROFILES, build_engine, parse_profile
+    from .tensorrt_build import build_engine, parse_profile
 
-    parsed = tuple(parse_profile(p) for p in profiles) or DEFAULT_PROFILES
-    build_engine(bundle, precision, parsed, log=_log)
+    parsed = tuple(parse_profile(p) for p in profiles) or None
+    build_engine(bundle, precision, parsed, log=_log, tf32=tf32, mask_positions=mask_positions)
     click.echo(f"verify it with: utrexport verify {bundle} --device tensorrt")
 
 

@@ -76,6 +76,8 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
 
 # bf16 (the fp32 model with bf16 inference, OpenVINO): as near-lossless as fp16 must be.
 TOLERANCES["bf16"] = TOLERANCES["fp16"]
+# fp32 TensorRT engines built with TF32 (utrexport engine --tf32): fp32 range, 10 mantissa bits in the matmuls, as fp16.
+TOLERANCES["tf32"] = TOLERANCES["fp16"]
 
 
 @dataclass(frozen=True)

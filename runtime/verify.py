@@ -95,7 +95,8 @@ def _runners(bundle: Bundle, precisions, device: str, threads, engines):
         if not built:
             raise BundleError(f"{bundle.path}: no TensorRT engines; build them with: utrexport engine {bundle.path} --precision fp16")
         for precision in precisions or list(built):
-            yield f"{precision}/tensorrt", precision, open_engine_runner(bundle, precision)
+            tf32 = precision == "fp32" and built.get(precision, {}).get("tf32") is True  # fp32 layers in TF32: its own gate
+            yield f"{precision}/tensorrt{'-tf32' if tf32 else ''}", "tf32" if tf32 else precision, open_engine_runner(bundle, precision)
         return
     for engine in engines or default_engines(device):
         for precision in precisions or runnable_precisions(bundle, engine):

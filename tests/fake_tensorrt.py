@@ -23,7 +23,8 @@ import numpy as np
 
 SUCCESS = 0
 # Module members that arrived after TensorRT 10.0: left out of an older version's module.
-SINCE = {"IAttention": (10, 14), "IAttentionInputLayer": (10, 14), "LayerType.ATTENTION_INPUT": (10, 14), "LayerType.ATTENTION_OUTPUT": (10, 14)}
+SINCE = {"IAttention": (10, 14), "IAttentionInputLayer": (10, 14), "LayerType.ATTENTION_INPUT": (10, 14), "LayerType.ATTENTION_OUTPUT": (10, 14),
+         "ICudaEngine.get_device_memory_size_for_profile_v2": (10, 1)}
 
 
 # ------------------------------------------------------------------------------------------------------ cudart
@@ -41,6 +42,7 @@ class cudaDeviceProp:
     name: bytes
     major: int
     minor: int
+    totalGlobalMem: int
 
 
 class FakeCuda:
@@ -48,9 +50,11 @@ class FakeCuda:
 
     cudaError_t, cudaMemcpyKind, cudaDeviceProp = cudaError_t, cudaMemcpyKind, cudaDeviceProp
 
-    def __init__(self, driver: int = 12090):
+    def __init__(self, driver: int = 12090, memory_gb: float = 141):
         self.memory: dict[int, bytearray] = {}
-        self.next, self.mallocs, self.streams, self.driver = 1 << 20, 0, set(), driver
+        self.next, self.mallocs, self.streams, self.driver, self.memory_gb = 1 << 20, 0, set(), driver, memory_gb
+        self.pinned: dict[int, ctypes.Array] = {}  # page-locked host buffers by address
+        self.pageable_copies = 0  # asynchronous copies from or to host memory that is not page-locked
 
     def cudaGetDeviceCount(self):
         return (SUCCESS, 1) if self.driver >= 12000 else (cudaError_t.cudaErrorInsufficientDriver, 0)
@@ -63,7 +67,7 @@ class FakeCuda:
 
     def cudaGetDeviceProperties(self, device):
         props = cudaDeviceProp()
-        props.name, props.major, props.minor = b"Fake GPU", 9, 0
+        props.name, props.major, props.minor, props.totalGlobalMem = b"Fake GPU", 9, 0, int(self.memory_gb * 2**30)
         return SUCCESS, props
 
     def cudaStreamCreate(self):
@@ -87,7 +91,20 @@ class FakeCuda:
         del self.memory[devPtr]
         return (SUCCESS,)
 
+    def cudaMallocHost(self, size):
+        buffer = ctypes.create_string_buffer(size)
+        self.pinned[ctypes.addressof(buffer)] = buffer
+        return SUCCESS, ctypes.addressof(buffer)
+
+    def cudaFreeHost(self, ptr):
+        del self.pinned[ptr]
+        return (SUCCESS,)
+
+    def _is_pinned(self, address, count) -> bool:
+        return any(start <= address and address + count <= start + len(b) for start, b in self.pinned.items())
+
     def cudaMemcpyAsync(self, dst, src, count, kind, stream):
+        self.pageable_copies += not self._is_pinned(src if kind == cudaMemcpyKind.cudaMemcpyHostToDevice else dst, count)
         if kind == cudaMemcpyKind.cudaMemcpyHostToDevice:
             assert count <= len(self.memory[dst])
             self.memory[dst][:count] = ctypes.string_at(src, count)
@@ -113,6 +130,15 @@ class DataType(enum.Enum):
 
 class NetworkDefinitionCreationFlag(enum.IntEnum):
     STRONGLY_TYPED = 1
+
+
+class BuilderFlag(enum.IntEnum):
+    TF32 = 7
+
+
+class ExecutionContextAllocationStrategy(enum.IntEnum):
+    STATIC = 0
+    ON_PROFILE_CHANGE = 1
 
 
 def nptype(trt_type):
@@ -227,8 +253,20 @@ class IOptimizationProfile:
 class IBuilderConfig:
     def __init__(self, device_key):
         self.device_key, self.profiles, self.cache, self.rejected_caches = device_key, [], None, 0
+        self.flags = {BuilderFlag.TF32}  # TensorRT's default: fp32 layers may run in TF32
+
+    def set_flag(self, flag):
+        self.flags.add(flag)
+
+    def clear_flag(self, flag):
+        self.flags.discard(flag)
+
+    def get_flag(self, flag):
+        return flag in self.flags
 
     def create_timing_cache(self, serialized_timing_cache):
+        if bytes(serialized_timing_cache).startswith(b"unreadable"):  # a cache this version cannot even read
+            raise RuntimeError("Failed to create timing cache")
         return ITimingCache(bytes(serialized_timing_cache) or self.device_key)
 
     def set_timing_cache(self, cache, ignore_mismatch):
@@ -266,17 +304,19 @@ class Builder:
             return None
         if not config.profiles or any(set(p.shapes) != {t.name for t in network.inputs} for p in config.profiles):
             return None
-        return IHostMemory(json.dumps({"onnx": network.onnx, "profiles": [p.shapes for p in config.profiles]}).encode())
+        return IHostMemory(json.dumps({"onnx": network.onnx, "profiles": [p.shapes for p in config.profiles],
+                                       "tf32": BuilderFlag.TF32 in config.flags}).encode())
 
 
 class ICudaEngine:
-    def __init__(self, onnx_path: str, profiles: list[dict], cuda: FakeCuda):
+    def __init__(self, onnx_path: str, profiles: list[dict], cuda: FakeCuda, tf32: bool = False):
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.profiles, self.cuda = profiles, cuda
+        self.profiles, self.cuda, self.tf32, self.strategies = profiles, cuda, tf32, []
+        self.refused_profiles: set[int] = set()  # profiles set_optimization_profile_async refuses (a test's fault)
 
     num_io_tensors = property(lambda self: len(self.inputs) + len(self.outputs))
     num_optimization_profiles = property(lambda self: len(self.profiles))
@@ -293,7 +333,13 @@ class ICudaEngine:
     def get_tensor_profile_shape(self, name, profile_index):
         return [tuple(s) for s in self.profiles[profile_index][name]]
 
-    def create_execution_context(self):
+    def get_device_memory_size_for_profile_v2(self, profile_index):
+        """Bytes for one fp32 attention score tensor (12 heads) at the profile's largest shape: the dominant term."""
+        rows, tokens = self.profiles[profile_index]["input_ids"][2]
+        return rows * 12 * tokens * tokens * 4
+
+    def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC):
+        self.strategies.append(strategy)
         return IExecutionContext(self)
 
 
@@ -303,6 +349,8 @@ class IExecutionContext:
         self.results = None
 
     def set_optimization_profile_async(self, profile_index, stream_handle):
+        if not 0 <= profile_index < len(self.engine.profiles) or profile_index in self.engine.refused_profiles:
+            return False
         self.profile = profile_index
         return True
 
@@ -343,11 +391,11 @@ class Runtime:
 
     def deserialize_cuda_engine(self, serialized_engine):
         spec = json.loads(bytes(serialized_engine))
-        return ICudaEngine(spec["onnx"], spec["profiles"], self.cuda)
+        return self.engine_class(spec["onnx"], spec["profiles"], self.cuda, spec.get("tf32", False))
 
 
 # The module's members, by their names in `tensorrt`.
-API = {cls.__name__: cls for cls in (TensorIOMode, DataType, NetworkDefinitionCreationFlag, Logger, IHostMemory, ITensor, IAttention,
+API = {cls.__name__: cls for cls in (TensorIOMode, DataType, NetworkDefinitionCreationFlag, BuilderFlag, ExecutionContextAllocationStrategy, Logger, IHostMemory, ITensor, IAttention,
                                       ILayer, IAttentionInputLayer, ParserError, INetworkDefinition, ITimingCache, IOptimizationProfile,
                                       IBuilderConfig, ICudaEngine, IExecutionContext, Builder, OnnxParser, Runtime)}
 API["nptype"] = nptype
@@ -367,5 +415,11 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.14.1.48") -> types.ModuleTy
     # The builder, parser and runtime see their own module and GPU (subclasses, so the API check reads the bases).
     module.Builder = type("Builder", (Builder,), {"trt": module})
     module.OnnxParser = type("OnnxParser", (OnnxParser,), {"trt": module})
-    module.Runtime = type("Runtime", (Runtime,), {"cuda": cuda})
+    # A class member that arrived later: this version's class is a copy without it.
+    for path in set(SINCE) - present:
+        owner, _, name = path.partition(".")
+        if name and owner in API and not owner == "LayerType":
+            cls = API[owner]
+            setattr(module, owner, type(owner, cls.__bases__, {k: v for k, v in vars(cls).items() if k != name}))
+    module.Runtime = type("Runtime", (Runtime,), {"cuda": cuda, "engine_class": module.ICudaEngine})
     return module

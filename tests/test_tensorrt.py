@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import utr_runtime
 from conftest import expected_rows, real_sequences
 from utr_runtime.errors import BundleError, UtrError
+from utr_runtime.parity import TOLERANCES
 from utrexport.cli import main
 from utrexport.tensorrt_build import EngineError, parse_profile
 from utrexport.tensorrt_check import check_model
@@ -180,13 +181,13 @@ def test_engine_io_types_numpy_cannot_hold_are_refused():
         numpy_dtype(fake, "BF16")
 
 
-def _fake_gpu(monkeypatch, version="10.14.1.48"):
+def _fake_gpu(monkeypatch, version="10.14.1.48", memory_gb=141):
     """TensorRT `version` and cudart stood in for (tests/fake_tensorrt.py) wherever the builder and runner import them."""
     from fake_tensorrt import FakeCuda, fake_tensorrt
     from utr_runtime.engines import tensorrt as trt_runner
     from utrexport import tensorrt_build
 
-    cuda = FakeCuda()
+    cuda = FakeCuda(memory_gb=memory_gb)
     trt = fake_tensorrt(cuda, version)
     monkeypatch.setattr(trt_runner, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(tensorrt_build, "import_tensorrt", lambda: trt)
@@ -204,6 +205,7 @@ def test_runner_on_a_fake_engine_gives_onnx_runtimes_answers(tiny_bundle, task_b
     from utr_runtime.model import Model
 
     cuda = _fake_gpu(monkeypatch)
+    trt = trt_runner.import_tensorrt()
     seqs = [s for _, s in sorted(real_sequences(), key=lambda r: len(r[1]))[::5]]
     for path in (tiny_bundle(3, "pretraining"), task_bundle(3, "sequence", "multiclass")):
         bundle = utr_runtime.Bundle(path)
@@ -222,13 +224,15 @@ def test_runner_on_a_fake_engine_gives_onnx_runtimes_answers(tiny_bundle, task_b
         runs = runner.context.runs
         assert max(r["input_ids"][0] for r in runs) == 64 and {r["input_ids"][1] > 128 for r in runs} == {True, False}
         assert all(r.get("mask_positions", (0, 1))[1] >= 1 for r in runs)  # the profiles start at one position
-        allocated = cuda.mallocs
+        allocated, pinned = cuda.mallocs, dict(cuda.pinned)
         model.embed(seqs, batch_size=200, max_batch_tokens=60000)
         assert cuda.mallocs == allocated  # the same batches again: every device buffer reused, none allocated per run
+        assert cuda.pinned.keys() == pinned.keys() and cuda.pageable_copies == 0  # host copies through reused pinned buffers
+        assert runner.plan.strategies == [trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE]  # memory for the profile in use
         with pytest.raises(UtrError, match="TensorRT refused input input_ids of shape"):  # a shape the profile does not take
             runner._run_once({n: np.zeros((65, 8), np.int64) for n in runner.input_names}, 0)
         runner.close()
-        assert not cuda.memory and not cuda.streams
+        assert not cuda.memory and not cuda.streams and not cuda.pinned
 
 
 def _attention_graph(tmp_path, q_shape, q_type=onnx.TensorProto.FLOAT, mask=None, **attributes):
@@ -407,3 +411,66 @@ def test_engine_without_onnx_says_what_to_install(all_precisions, monkeypatch):
     result = CliRunner().invoke(main, ["engine", str(all_precisions), "--precision", "fp16"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "utrexport engine needs the onnx package: pip install 'utrexport[tensorrt]'" in result.output
+
+
+def _engine(monkeypatch, tmp_path, bundle, *args, **fake):
+    """`utrexport engine` on a copy of `bundle`, on the stand-in; returns (cuda, bundle folder, result)."""
+    cuda = _fake_gpu(monkeypatch, **fake)
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(bundle, bundle_dir)
+    return cuda, bundle_dir, CliRunner().invoke(main, ["engine", str(bundle_dir), "--precision", "fp32", *args])
+
+
+def test_tf32_is_off_unless_asked_for_and_judged_by_its_own_gate(tiny_bundle, monkeypatch, tmp_path):
+    """TensorRT turns TF32 on by default for fp32 layers (Ampere and later): an fp32 engine would miss fp32's 1e-4 gate.
+    The builder clears it; --tf32 sets it, the manifest records it and verify judges that engine with the tf32 gate."""
+    import json
+
+    _, bundle_dir, result = _engine(monkeypatch, tmp_path, tiny_bundle(3, "pretraining"))
+    assert result.exit_code == 0, result.output
+    record = utr_runtime.Bundle(bundle_dir).engines["fp32"]
+    assert record["tf32"] is False and json.loads((bundle_dir / record["file"]).read_text())["tf32"] is False
+    assert {r["precision"] for r in utr_runtime.verify(bundle_dir, ["fp32"], device="tensorrt")} == {"fp32/tensorrt"}
+    result = CliRunner().invoke(main, ["engine", str(bundle_dir), "--precision", "fp32", "--tf32"])
+    record = utr_runtime.Bundle(bundle_dir).engines["fp32"]
+    assert result.exit_code == 0 and record["tf32"] is True and json.loads((bundle_dir / record["file"]).read_text())["tf32"] is True
+    rows = utr_runtime.verify(bundle_dir, ["fp32"], device="tensorrt")
+    assert {r["precision"] for r in rows} == {"fp32/tensorrt-tf32"} and all(r["tolerance"] == TOLERANCES["tf32"][r["output"]].describe() for r in rows)
+
+
+def test_small_gpus_get_smaller_profiles_and_each_profiles_memory_is_said(tiny_bundle, monkeypatch, tmp_path):
+    import json
+
+    _, bundle_dir, result = _engine(monkeypatch, tmp_path, tiny_bundle(3, "pretraining"), memory_gb=8)
+    assert result.exit_code == 0, result.output
+    record = utr_runtime.Bundle(bundle_dir).engines["fp32"]
+    assert json.loads((bundle_dir / record["file"]).read_text())["profiles"][1]["input_ids"] == [[1, 129], [2, 512], [16, 512]]
+    assert record["profile_memory_bytes"] == [16 * 12 * 128 * 128 * 4, 16 * 12 * 512 * 512 * 4]  # the stand-in's sizes
+    assert "profile 1-16 rows x 129-512 tokens: 0.19 GB of device memory per execution context" in result.output
+
+
+def test_an_unreadable_timing_cache_only_costs_a_fresh_one(tiny_bundle, monkeypatch, tmp_path):
+    """create_timing_cache itself may refuse another version's cache (before set_timing_cache's mismatch check)."""
+    _fake_gpu(monkeypatch)
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(tiny_bundle(3, "pretraining"), bundle_dir)
+    (bundle_dir / "tensorrt.timing-cache").write_bytes(b"unreadable: TensorRT 9")
+    result = CliRunner().invoke(main, ["engine", str(bundle_dir), "--precision", "fp32"])
+    assert result.exit_code == 0 and "timing cache is from another GPU or TensorRT version: starting a new one" in result.output
+    assert (bundle_dir / "tensorrt.timing-cache").read_bytes() == b"timing cache of TensorRT 10.14.1.48 on Fake GPU"
+
+
+def test_a_refused_profile_is_said_and_more_masks_than_the_engine_takes_name_the_fix(tiny_bundle, monkeypatch, tmp_path):
+    _, bundle_dir, result = _engine(monkeypatch, tmp_path, tiny_bundle(3, "pretraining"), "--mask-positions", "4")
+    assert result.exit_code == 0 and utr_runtime.Bundle(bundle_dir).engines["fp32"]["mask_positions"] == 4
+    model = utr_runtime.load(bundle_dir, device="tensorrt")
+    text = "ACGUAGCUAGCUAGGCAUCCAGUUAGCAUCG"
+    assert len(model.fill_mask(text[:6] + "<mask>" + text[6:12] + "<mask>" + text[12:])) == 2
+    with pytest.raises(UtrError, match="takes at most 4 masked positions per row, got 5: rebuild it with utrexport engine --mask-positions 5"):
+        model.fill_mask("".join(f"{text[i:i + 5]}<mask>" for i in range(0, 25, 5)))
+    model.runner.plan.refused_profiles.add(1)  # TensorRT says no (False, not an exception): said, and not recorded as set
+    with pytest.raises(UtrError, match="TensorRT refused optimization profile 1 of this engine"):
+        model.embed("ACGU" * 100)
+    assert model.runner.profile is None
+    model.runner.plan.refused_profiles.clear()
+    assert model.embed("ACGU" * 100).shape == (32,)

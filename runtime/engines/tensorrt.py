@@ -6,6 +6,7 @@ and checked before deserializing, with the command that rebuilds it.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import numpy as np
@@ -90,7 +91,7 @@ def cuda_device(index: int = 0) -> dict:
         raise UtrError("no CUDA GPU is visible; TensorRT engines need one")
     props = _call(cudart.cudaGetDeviceProperties(index))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-    return {"name": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}"}
+    return {"name": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}", "memory_gb": round(props.totalGlobalMem / 2**30, 1)}
 
 
 def _cuda_version(number: int) -> str:
@@ -134,7 +135,10 @@ class TensorRTRunner:
         self.plan = self.runtime.deserialize_cuda_engine(engine if isinstance(engine, bytes) else engine.read_bytes())
         if self.plan is None:
             raise UtrError(f"{name or engine}: TensorRT could not deserialize the engine")
-        self.context = self.plan.create_execution_context()
+        # Memory for the profile in use only, (re)allocated when the profile changes, rather than for the largest one
+        # (0.8 GB of fp32 attention scores at 64 x 512) from the start; TensorRT before 10.0 lacks the choice.
+        strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "ON_PROFILE_CHANGE", None)
+        self.context = self.plan.create_execution_context(strategy) if strategy is not None else self.plan.create_execution_context()
         names = [self.plan.get_tensor_name(i) for i in range(self.plan.num_io_tensors)]
         self.input_names = [n for n in names if self.plan.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.plan.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -143,6 +147,7 @@ class TensorRTRunner:
                          for p in range(self.plan.num_optimization_profiles)]
         self.stream = _call(self.cudart.cudaStreamCreate())
         self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes): grown, never shrunk
+        self.pinned: dict[str, tuple[int, int]] = {}  # name -> (page-locked host pointer, bytes): staging for async copies
         self.profile = None
         # One execution context, stream and set of buffers: threads sharing the runner take turns (the GPU runs one
         # batch at a time anyway; a server gets concurrency from instances, each with its own runner).
@@ -155,6 +160,10 @@ class TensorRTRunner:
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         positions = feeds.get("mask_positions")
+        most = max((p["mask_positions"][2][1] for p in self.profiles if "mask_positions" in p), default=None)
+        if positions is not None and most is not None and np.shape(positions)[1] > most:
+            raise UtrError(f"this TensorRT engine takes at most {most} masked positions per row, got {np.shape(positions)[1]}: "
+                           f"rebuild it with utrexport engine --mask-positions {np.shape(positions)[1]}, or run it on the CPU")
         if positions is not None and np.shape(positions)[1] == 0:
             # The profiles start at one mask position (empty dimensions are not relied on): run one, return none.
             out = self._run({**feeds, "mask_positions": np.zeros((len(positions), 1), np.int64)})
@@ -166,26 +175,32 @@ class TensorRTRunner:
     def _run_once(self, feeds: dict[str, np.ndarray], profile: int) -> dict[str, np.ndarray]:
         cudart = self.cudart
         if profile != self.profile:
-            self.context.set_optimization_profile_async(profile, self.stream)
+            self.profile = None  # until TensorRT takes it: a refusal must not leave a profile recorded that is not set
+            if not self.context.set_optimization_profile_async(profile, self.stream):  # False, not an exception
+                raise UtrError(f"TensorRT refused optimization profile {profile} of this engine")
             self.profile = profile
         for name in self.input_names:
             host = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
             if not self.context.set_input_shape(name, host.shape):  # False, not an exception, outside the profile
                 raise UtrError(f"TensorRT refused input {name} of shape {host.shape} for optimization profile {profile}")
-            device = self._buffer(name, host.nbytes)
-            _call(cudart.cudaMemcpyAsync(device, host.ctypes.data, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+            device, staging = self._buffer(name, host.nbytes), self._staging(name, host.nbytes)
+            staging[: host.nbytes] = host.reshape(-1).view(np.uint8)
+            _call(cudart.cudaMemcpyAsync(device, staging.ctypes.data, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
             self.context.set_tensor_address(name, device)
-        outputs = {}
+        shapes = {}
         for name in self.output_names:
-            host = np.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name])
-            self.context.set_tensor_address(name, self._buffer(name, host.nbytes))
-            outputs[name] = host
+            shapes[name] = tuple(self.context.get_tensor_shape(name))
+            nbytes = int(np.prod(shapes[name])) * self.dtypes[name].itemsize
+            self.context.set_tensor_address(name, self._buffer(name, nbytes))
         if not self.context.execute_async_v3(self.stream):
             raise UtrError("TensorRT execution failed")
-        for name, host in outputs.items():
-            _call(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name][0], host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+        for name, shape in shapes.items():
+            nbytes = int(np.prod(shape)) * self.dtypes[name].itemsize
+            staging = self._staging(name, nbytes)
+            _call(cudart.cudaMemcpyAsync(staging.ctypes.data, self.buffers[name][0], nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
         _call(cudart.cudaStreamSynchronize(self.stream))
-        return {name: host.astype(np.float32, copy=False) for name, host in outputs.items()}
+        return {name: self._staging(name, 0)[: int(np.prod(shape)) * self.dtypes[name].itemsize].view(self.dtypes[name]).reshape(shape)
+                .astype(np.float32) for name, shape in shapes.items()}  # astype copies: the staging buffer is reused
 
     def _buffer(self, name: str, nbytes: int) -> int:
         """A device buffer of at least nbytes for a tensor, reused across runs and grown when a batch needs more."""
@@ -198,14 +213,29 @@ class TensorRTRunner:
             self.buffers[name] = (pointer, size)
         return pointer
 
+    def _staging(self, name: str, nbytes: int) -> np.ndarray:
+        """A page-locked host buffer of at least nbytes for a tensor, as a uint8 array: copies from pageable memory are
+        not asynchronous (the driver stages them itself), so the samples copy through pinned buffers. Reused, grown."""
+        pointer, size = self.pinned.get(name, (None, 0))
+        if nbytes > size or pointer is None:
+            if pointer is not None:
+                _call(self.cudart.cudaFreeHost(pointer))
+            size = max(nbytes, 2 * size, 1)
+            pointer = _call(self.cudart.cudaMallocHost(size))
+            self.pinned[name] = (pointer, size)
+        return np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(int(pointer)))
+
     def close(self) -> None:
-        """Free the device buffers and the stream (also when the runner is garbage-collected)."""
+        """Free the device and pinned host buffers and the stream (also when the runner is garbage-collected)."""
         cudart, self.cudart = self.cudart, None
         if cudart is None:
             return
         for pointer, _ in self.buffers.values():
             cudart.cudaFree(pointer)
+        for pointer, _ in self.pinned.values():
+            cudart.cudaFreeHost(pointer)
         self.buffers.clear()
+        self.pinned.clear()
         cudart.cudaStreamDestroy(self.stream)
 
     def __del__(self):

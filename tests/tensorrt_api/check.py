@@ -81,7 +81,8 @@ def compare_function(label: str, fake, real, name: str) -> list[str]:
     return []
 
 
-def compare_class(label: str, fake: type, real: type) -> list[str]:
+def compare_class(label: str, fake: type, real: type, absent: set[str] = frozenset()) -> list[str]:
+    """absent: 'Class.member' paths this version has not got yet (fake_tensorrt.SINCE; checked apart)."""
     problems = []
     members = {}
     for cls in reversed([c for c in fake.__mro__ if c.__module__ == fake_tensorrt.__name__]):
@@ -89,6 +90,8 @@ def compare_class(label: str, fake: type, real: type) -> list[str]:
         members.update({n: property() for n in getattr(cls, "__annotations__", {})})
     for name, member in sorted(members.items()):
         where = f"{label}.{name}"
+        if where.removeprefix("tensorrt.") in absent:
+            continue
         if not hasattr(real, name):
             problems.append(f"{where} does not exist")
             continue
@@ -107,11 +110,11 @@ def compare_enum(label: str, fake: type, real) -> list[str]:
     return [f"{label}.{m.name} does not exist" for m in fake if not hasattr(real, m.name)]
 
 
-def compare(label: str, fake, real) -> list[str]:
+def compare(label: str, fake, real, absent: set[str] = frozenset()) -> list[str]:
     if isinstance(fake, type) and issubclass(fake, enum.Enum):
         return compare_enum(label, fake, real)
     if isinstance(fake, type):
-        return compare_class(label, fake, real)
+        return compare_class(label, fake, real, absent)
     return compare_function(label, fake, real, label.rsplit(".", 1)[-1])
 
 
@@ -122,12 +125,13 @@ def check_tensorrt() -> dict:
     version = real.__version__
     fake = fake_tensorrt.fake_tensorrt(fake_tensorrt.FakeCuda(), version)
     problems = []
+    absent = {path for path in fake_tensorrt.SINCE if not _has(fake, path)}
     for name in sorted(n for n in vars(fake) if not n.startswith("_")):
         member = fake_tensorrt.API.get(name, getattr(fake, name))
         if not hasattr(real, name):
             problems.append(f"tensorrt.{name} does not exist")
         else:
-            problems += compare(f"tensorrt.{name}", member, getattr(real, name))
+            problems += compare(f"tensorrt.{name}", member, getattr(real, name), absent)
     for path in fake_tensorrt.SINCE:  # what the stand-in leaves out of this version must be missing from it too
         in_fake, in_real = (_has(module, path) for module in (fake, real))
         if in_fake != in_real:
