@@ -25,8 +25,8 @@ from utr_runtime.verify import verify
 
 from .checkpoints import Checkpoint
 from .writers import current_umask
-from .onnx_export import ATTENTION_FORMS, OPSET, export_onnx
-from .precision import CALIBRATION_METHODS, FP16_SCHEME, INT8_SCHEMES, export_fp16, quantize_int8
+from .onnx_export import ATTENTION_FORMS, export_onnx, model_opset
+from .precision import CALIBRATION_METHODS, FP16_SCHEME, INT8_FP16, INT8_SCHEMES, export_fp16, quantize_int8, with_fp16_float_parts
 
 # Parity fixtures: held-out real sequences (never used for calibration), cut to these token counts so that the
 # padded batch holds a full-length row, a long, a medium and a short one.
@@ -177,7 +177,7 @@ def _record_tensorrt_readiness(work: Path, models: dict) -> None:
 def _timed_export(export, path: Path) -> dict:
     start = time.perf_counter()
     ops = export(path)
-    return {"file": path.name, "opset": OPSET, "export_seconds": round(time.perf_counter() - start, 1), "ops": ops}
+    return {"file": path.name, "opset": model_opset(path), "export_seconds": round(time.perf_counter() - start, 1), "ops": ops}
 
 
 def _quantize(work: Path, k: int, calibration: Calibration, log) -> dict:
@@ -186,7 +186,7 @@ def _quantize(work: Path, k: int, calibration: Calibration, log) -> dict:
     rows = calibration_windows(k, calibration.size, calibration.seed, calibration.sequences)
     record = {**{key: value for key, value in asdict(calibration).items() if key != "sequences"}, "windows": len(rows),
               "tokens": int(sum(map(len, rows))), "lengths": [int(min(map(len, rows))), int(max(map(len, rows)))]}
-    entry = {"file": "model.int8.onnx", "opset": OPSET, "scheme": INT8_SCHEMES["tensorrt"], "calibration": record, "variants": {}}
+    entry = {"file": "model.int8.onnx", "opset": None, "scheme": INT8_SCHEMES["tensorrt"], "calibration": record, "variants": {}}
     for scheme, name in (("tensorrt", "model.int8.onnx"), ("cpu", "model.int8-cpu.onnx")):
         log(f"calibrating int8 ({scheme} scheme, {calibration.method}, {len(rows)} real windows)")
         start = time.perf_counter()
@@ -196,6 +196,10 @@ def _quantize(work: Path, k: int, calibration: Calibration, log) -> dict:
             entry["quantize_seconds"] = seconds
         else:
             entry["variants"]["cpu"] = {"file": name, "scheme": INT8_SCHEMES["cpu"], "quantize_seconds": seconds}
+    entry["opset"] = model_opset(work / "model.int8.onnx")
+    log("writing int8 with fp16 float parts (the file TensorRT's int8 engine is built from)")
+    with_fp16_float_parts(work / "model.int8.onnx", work / "model.int8-fp16.onnx")
+    entry["variants"]["tensorrt"] = {"file": "model.int8-fp16.onnx", "scheme": INT8_FP16}
     return entry
 
 

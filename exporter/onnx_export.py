@@ -1,9 +1,11 @@
-"""PyTorch module -> ONNX (opset 23): exact `Gelu`, `LayerNormalization`, and attention in one of two forms.
+"""PyTorch module -> ONNX: exact `Gelu`, `LayerNormalization`, and attention in one of two forms.
 
-fused: one ONNX `Attention` node per layer, read by ONNX Runtime 1.23+, OpenVINO 2026.1+ and TensorRT 10.14+ (as
-       IAttention); the default.
-plain: MatMul, Softmax, MatMul per layer, read by OpenVINO 2024.2+ and TensorRT 10.0+ (10.0 brought `Gelu`), which
-       fuses the pattern into its own attention kernels where it can. Same outputs; docs/attention_forms.md.
+fused: one ONNX `Attention` node per layer (opset 23, where `Attention` arrived), read by ONNX Runtime 1.23+,
+       OpenVINO 2026.1+ and TensorRT 10.14+ (as IAttention); the default.
+plain: MatMul, Softmax, MatMul per layer, at opset 20 (`Gelu` arrived there): the opsets TensorRT 10.0's parser
+       states (9-20), read by OpenVINO 2024.2+ and TensorRT 10.0+, which fuses the pattern into its own attention
+       kernels where it can. Same operators and bit-identical outputs as at opset 23 on ONNX Runtime and OpenVINO
+       (measured); the same outputs as fused; docs/attention_forms.md.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from utr_runtime.errors import UtrError
 
 from .network import SelfAttention, UtrBert
 
-OPSET = 23
+OPSETS = {"fused": 23, "plain": 20}  # by attention form: the lowest opset that holds its operators
 ATTENTION_FORMS = {
     "fused": "one ONNX Attention node per layer (TensorRT 10.14+)",
     "plain": "MatMul, Softmax and MatMul per layer (TensorRT 10.0+, which fuses them itself)",
@@ -43,6 +45,13 @@ def example_inputs(model: UtrBert, batch: int = 2, length: int = 16) -> tuple[to
     return (ids, mask, *extra)
 
 
+def model_opset(path: str | os.PathLike) -> int:
+    """The default-domain opset a model file imports."""
+    import onnx
+
+    return next(o.version for o in onnx.load(os.fspath(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+
+
 def export_onnx(model: UtrBert, path: str | os.PathLike, attention: str = "fused") -> dict:
     """Export with dynamic batch and sequence (and mask-position count); returns the graph's op counts."""
     import onnx
@@ -60,7 +69,7 @@ def export_onnx(model: UtrBert, path: str | os.PathLike, attention: str = "fused
             model.eval(),
             example_inputs(model),
             dynamo=True,
-            opset_version=OPSET,
+            opset_version=OPSETS[attention],
             optimize=True,
             input_names=model.input_names,
             output_names=model.output_names,

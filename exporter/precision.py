@@ -9,6 +9,7 @@ int8: explicit Q/DQ on the encoder's MatMul inputs (the pooler, the LM head and 
                   ONNX Runtime on x86 CPUs runs it no faster than fp32.
         cpu:      asymmetric uint8 activations, per-tensor symmetric int8 weights: ONNX Runtime's fast x86 path
                   (u8s8 integer matmuls), about 2x fp32 there. Not for TensorRT (zero-points are not 0).
+      and the tensorrt scheme once more with fp16 float parts (with_fp16_float_parts): the file TensorRT engines build.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from .network import UtrBert
 from .onnx_export import export_onnx, quiet
 
+INT8_FP16 = "the tensorrt scheme with fp16 float parts (Q/DQ around fp16 tensors): what TensorRT builds its int8 engine from"
 INT8_SCHEMES = {
     "tensorrt": "symmetric int8 activations (zero-point 0), per-channel symmetric int8 weights; TensorRT explicit quantization",
     "cpu": "asymmetric uint8 activations, per-tensor symmetric int8 weights; ONNX Runtime x86 u8s8 kernels",
@@ -95,6 +97,19 @@ def quantize_int8(fp32_file, out_file, rows: list[np.ndarray], scheme: str, meth
             os.fspath(fp32_file), os.fspath(out_file), Rows(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
             nodes_to_quantize=encoder_matmuls(graph), calibrate_method=calibrate, **{**options, "extra_options": {**options["extra_options"], "CalibStridedMinMax": 1}},
         )
+
+
+def with_fp16_float_parts(int8_file, out_file) -> None:
+    """The TensorRT int8 model with its float parts in fp16: in a strongly typed network precision comes from the ONNX
+    types, and model.int8.onnx dequantizes to fp32, so LayerNorm, GELU, residual adds and attention would run in
+    fp32 around the int8 matmuls (likely slower than the fp16 engine). Here Q/DQ sit around fp16 tensors, as NVIDIA's
+    BERT demo builds it; inputs and outputs keep their types. ONNX Runtime's float16 converter does the rewrite."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with quiet():
+        model = convert_float_to_float16(onnx.load(os.fspath(int8_file)), keep_io_types=True, disable_shape_infer=True)
+    onnx.save(model, os.fspath(out_file))
 
 
 MATMULS_PER_LAYER = 6  # query, key, value, attention output, intermediate, output

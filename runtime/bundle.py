@@ -169,7 +169,8 @@ class Bundle:
 
     def model_name(self, precision: str, device: str = "cpu", engine: str = "onnxruntime") -> str:
         """The ONNX file a precision runs on an engine: bf16 runs the fp32 file; where the manifest names a
-        variant for ONNX Runtime on this device (int8 on "cpu": its fast u8s8 scheme), that one."""
+        variant for this device, that one: int8 on ONNX Runtime's "cpu" (its fast u8s8 scheme), int8 for "tensorrt"
+        (Q/DQ around fp16 float parts; what `utrexport engine` builds from)."""
         entry = self._model_entry(precision)
         variant = entry.get("variants", {}).get(device) if engine == "onnxruntime" else None
         return (variant or entry)["file"]

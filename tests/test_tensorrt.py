@@ -337,6 +337,7 @@ def test_older_tensorrt_takes_the_plain_attention_export(tiny_bundle, tmp_path, 
         else:
             assert result.exit_code == 0, result.output
             assert manifest["models"]["fp32"]["tensorrt_min"] == "10.0"
+            assert manifest["models"]["fp32"]["opset"] == 20  # the opsets TensorRT 10.0's parser states: 9-20
             assert manifest["engines"]["fp32"]["decomposable_attention_layers"] == 0
             assert all(r["passed"] for r in utr_runtime.verify(bundle_dir, ["fp32"], device="tensorrt"))
 
@@ -474,3 +475,29 @@ def test_a_refused_profile_is_said_and_more_masks_than_the_engine_takes_name_the
     assert model.runner.profile is None
     model.runner.plan.refused_profiles.clear()
     assert model.embed("ACGU" * 100).shape == (32,)
+
+
+def test_the_int8_engine_builds_from_the_model_with_fp16_float_parts(all_precisions, monkeypatch, tmp_path):
+    """model.int8.onnx dequantizes to fp32: a strongly typed network would run LayerNorm, GELU, the residual adds and
+    attention in fp32. The int8 engine builds from model.int8-fp16.onnx (Q/DQ around fp16 tensors), which every build
+    checks like int8 (verify rows int8/tensorrt on each CPU engine) and judges TensorRT-ready."""
+    import json
+
+    import onnx
+
+    bundle = utr_runtime.Bundle(all_precisions)
+    variant = bundle.manifest["models"]["int8"]["variants"]["tensorrt"]
+    assert variant["file"] == "model.int8-fp16.onnx" and variant["tensorrt_ready"] is True
+    graph = onnx.load(bundle.path / variant["file"]).graph
+    types = {onnx.TensorProto.DataType.Name(t.type.tensor_type.elem_type) for t in graph.value_info} | \
+        {onnx.TensorProto.DataType.Name(i.data_type) for i in graph.initializer}
+    assert "FLOAT16" in types and "INT8" in types
+    assert [i.type.tensor_type.elem_type for i in graph.output] == [onnx.TensorProto.FLOAT] * len(graph.output)  # io types kept
+    rows = [r for r in bundle.manifest["parity"] if r["precision"] == "int8/tensorrt"]
+    assert rows and all(r["passed"] for r in rows)
+    _, bundle_dir, result = _engine(monkeypatch, tmp_path, all_precisions)
+    result = CliRunner().invoke(main, ["engine", str(bundle_dir), "--precision", "int8"])
+    record = utr_runtime.Bundle(bundle_dir).engines["int8"]
+    assert result.exit_code == 0 and record["onnx"] == "model.int8-fp16.onnx", result.output
+    assert json.loads((bundle_dir / record["file"]).read_text())["onnx"].endswith("model.int8-fp16.onnx")
+    assert all(r["passed"] for r in utr_runtime.verify(bundle_dir, ["int8"], device="tensorrt"))
