@@ -349,11 +349,11 @@ def test_trained_classifier_keeps_its_decisions_in_every_precision(trained_bundl
     assert bundle.task["labels"] == ["positive"] and bundle.task["negative_label"] == "negative"
     _, _, metrics = task_accuracy.held_out()
     rows = {row["model"].split(" ")[0]: row for row in task_accuracy.measure(trained_bundle)}
-    assert set(rows) == {"fp32", "fp16", "int8", "int8/cpu"}
+    assert set(rows) == {"fp32", "fp16", "int8", "int8/cpu", "int8/tensorrt"}
     assert metrics["held_out_auroc_pytorch"] > 0.7, "the shipped model learned something"
     assert rows["fp32"]["auroc"] == pytest.approx(metrics["held_out_auroc_pytorch"], abs=1e-4)
     assert rows["fp16"]["flipped"] == 0 and rows["fp16"]["prob_max_abs"] < 1e-3
-    for name in ("int8", "int8/cpu"):
+    for name in ("int8", "int8/cpu", "int8/tensorrt"):
         assert abs(rows[name]["auroc"] - rows["fp32"]["auroc"]) < 0.01 and rows[name]["flipped"] < 0.02, rows[name]
 
 
