@@ -244,7 +244,9 @@ def write_conformance(work: Path, model, manifest: dict) -> None:
 
     seqs = sorted((seq for _, seq in real_sequences(CONFORMANCE_SOURCE)), key=len)
     short = seqs[0]
-    masked = [short[:30] + "<mask>" + short[30:60], short[:20] + "<mask>" + short[20:40] + "<mask>" + short[40:70]]
+    masked = [short[:30] + "<mask>" + short[30:60], short[:20] + "<mask>" + short[20:40] + "<mask>" + short[40:70],
+              short[:12] + "<pad>" + short[12:24] + "<mask>" + short[24:50],  # a written <pad> is attended to (spec section 7)
+              short[:12] + "<pad>" + short[12:24] + "<mask>" + short[24:40] + "<mask>" + short[40:60]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained weights and short pieces: expected here
         vectors = make_vectors(Model(Bundle(work), TorchRunner(model), "fp32", "cpu"), seqs, masked)

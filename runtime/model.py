@@ -297,7 +297,9 @@ class Model:
         masked = np.flatnonzero(ids == tok.mask_token_id)
         if not len(masked):
             raise InputError(f"no {tok.special_tokens[tok.mask_token_id]} token in the text")
-        logits = self.forward(ids[None], None, masked[None])["logits"][0].astype(np.float64)
+        # Every token of the text is attended to, a <pad> written in it too: the reference tokenizer gives the text a
+        # mask of ones (docs/spec.md section 7); a mask of 0 is for the padding a batch adds.
+        logits = self.forward(ids[None], np.ones_like(ids)[None], masked[None])["logits"][0].astype(np.float64)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         top = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]

@@ -113,7 +113,8 @@ def test_padding_waste_on_real_sequences_is_under_5_percent():
     assert waste < 0.05, waste
 
 
-@pytest.mark.parametrize("text", ["ACGUAGC<mask>UAGCUAGGACUUAG", "<mask>GGCAUUAGCAGG", "GCGUUAGC<mask><mask><mask>GGUACAAUGC"])
+@pytest.mark.parametrize("text", ["ACGUAGC<mask>UAGCUAGGACUUAG", "<mask>GGCAUUAGCAGG", "GCGUUAGC<mask><mask><mask>GGUACAAUGC",
+                                  "ACGUAGC<pad>UAGCUU<mask>GGCAUCCAG", "ACGUAGC<pad>UAGCUU<mask>GGCAU<mask>CCAGUUAG"])
 def test_fill_mask_equals_the_transformers_pipeline(k3, text):
     model, reference = k3
     from transformers import pipeline

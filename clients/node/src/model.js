@@ -125,7 +125,8 @@ export class Model {
       const order = exps.map((_, i) => i).sort((a, b) => exps[b] - exps[a]).slice(0, topK); // stable: ties by lower id
       return order.map((token) => {
         const filled = ids.map((id, i) => (i === position ? token : id));
-        return { score: exps[token] / total, token, token_str: this.tokenizer.vocabulary[token], sequence: this.tokenizer.decode(filled, masked.length === 1) };
+        const shown = filled.filter((id) => id !== PAD); // section 7: <pad> removed from `sequence`
+        return { score: exps[token] / total, token, token_str: this.tokenizer.vocabulary[token], sequence: this.tokenizer.decode(shown, masked.length === 1) };
       });
     });
     return masked.length === 1 ? answers[0] : answers;
