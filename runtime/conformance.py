@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InputError
 from .tokenizer import foreign_letter
 from .windows import split_windows
 
@@ -91,8 +92,12 @@ def _model_vectors(model, sequences: list[str], masked: list[str]) -> dict:
         "token_rows": [{"rows": r, "vectors": _floats(t[r])} for r, t in zip(rows, tokens)],
     }
     if "logits" in model.bundle.output_names:
+        vocabulary = model.tokenizer.vocab_size
         record["fill_mask"] = {"score_rtol": SCORE_RTOL, "top_k": 5,
-                               "cases": [{"text": t, "answers": _as_lists(model.fill_mask(t, top_k=5))} for t in masked]}
+                               "cases": [{"text": t, "answers": _as_lists(model.fill_mask(t, top_k=5))} for t in masked],
+                               # section 7: refused (no <mask>; more than max_tokens tokens), and top_k past the vocabulary
+                               "refused": [sequences[0][:40], "<mask>" + "ACGU" * (model.max_tokens // 4 + 3)],
+                               "top_k_past_vocabulary": {"text": masked[0], "top_k": vocabulary + 10, "answers": vocabulary}}
     if model.task:
         record["predict"] = _task_vectors(model, sequences)
     return record
@@ -107,7 +112,8 @@ def _task_vectors(model, sequences: list[str]) -> dict:
         out = model.predict(sequences, overlap=OVERLAP)
         rows = [_chosen_rows(len(s), model.max_tokens - 2 + model.k - 1) for s in sequences]
         return {"level": level, "sequences": sequences, "rows": rows, "values": [_floats(v[r]) for v, r in zip(out, rows)]}
-    return {"level": level, "sequences": sequences, "aggregate": "mean", "values": _floats(model.predict(sequences, overlap=OVERLAP))}
+    return {"level": level, "sequences": sequences, "aggregate": "mean", "values": _floats(model.predict(sequences, overlap=OVERLAP)),
+            "max_values": _floats(model.predict(sequences, overlap=OVERLAP, aggregate="max"))}
 
 
 def _chosen_rows(n: int, window: int) -> list[int]:
@@ -157,8 +163,20 @@ def check(model, vectors: dict) -> list[str]:
     for case in m.get("fill_mask", {}).get("cases", []):
         expect(fill_mask_agrees(_as_lists(model.fill_mask(case["text"], top_k=m["fill_mask"]["top_k"])), case["answers"], m["fill_mask"]["score_rtol"]),
                f"fill-mask: {case['text']!r}")
+    fill = m.get("fill_mask", {})
+    for text in fill.get("refused", []):
+        try:
+            model.fill_mask(text)
+            expect(False, f"fill-mask must refuse {text[:30]!r}")
+        except InputError:
+            pass
+    if "top_k_past_vocabulary" in fill:
+        case = fill["top_k_past_vocabulary"]
+        expect(len(model.fill_mask(case["text"], top_k=case["top_k"])) == case["answers"], "fill-mask: top_k past the vocabulary")
     if "predict" in m:
         p = m["predict"]
+        if "max_values" in p:
+            expect(close(model.predict(p["sequences"], overlap=m["overlap"], aggregate="max"), p["max_values"]), "predict, aggregate max")
         got = model.predict(p["sequences"], overlap=m["overlap"]) if p["level"] != "contact" else model.predict(p["sequences"])
         if p["level"] == "nucleotide":
             got = [g[r] for g, r in zip(got, p["rows"])]

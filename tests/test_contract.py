@@ -85,10 +85,13 @@ def test_conformance_check_can_fail(tiny_bundle):
     v["tokenizer"][0]["input_ids"][1] += 1
     v["windows"][-1]["windows"][0][0] += 1
     v["model"]["mean"][0][0] += 1e-3
+    v["model"]["fill_mask"]["refused"].append("ACGU<mask>ACGUAG")  # a text it answers
+    v["model"]["fill_mask"]["top_k_past_vocabulary"]["answers"] += 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         failures = check(utr_runtime.load(bundle), v)
-    assert [f.split(":")[0] for f in failures] == ["tokenizer", "windows", "embed mean"]
+    assert [f.split(":")[0] for f in failures] == ["tokenizer", "windows", "embed mean", "fill-mask must refuse 'ACGU<mask>ACGUAG'",
+                                                   "fill-mask"]
 
 
 def test_every_precision_runs_without_mask_positions(all_precisions):
@@ -145,3 +148,11 @@ def test_node_client(contract_bundles, tmp_path):
     assert "skipped 0\n" in result.stdout and f"pass {len(contract_bundles) * 4 + len(records) + HOSTILE_MANIFESTS}\n" in result.stdout, \
         result.stdout[-3000:]
     print(*[line for line in result.stdout.splitlines() if "max abs difference" in line], sep="\n")
+
+
+def test_conformance_check_of_task_outputs_can_fail(task_bundle):
+    bundle = task_bundle(3, "sequence", "multiclass")
+    v = vectors(bundle)
+    assert check(utr_runtime.load(bundle), v) == []
+    v["model"]["predict"]["max_values"][0][0] += 1e-3
+    assert check(utr_runtime.load(bundle), v) == ["predict, aggregate max"]

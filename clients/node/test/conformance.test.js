@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { Bundle, KmerTokenizer, load, problem, splitWindows, strictPosition } from '../src/index.js';
+import { Bundle, InputError, KmerTokenizer, load, problem, splitWindows, strictPosition } from '../src/index.js';
 import { assertClose, assertFillMaskAgrees, bundles, skip } from './helpers.js';
 
 for (const folder of bundles.length ? bundles : ['(none)']) {
@@ -39,6 +39,12 @@ for (const folder of bundles.length ? bundles : ['(none)']) {
       for (const c of m.fill_mask?.cases ?? []) {
         const got = await model.fillMask(c.text, { topK: m.fill_mask.top_k });
         assertFillMaskAgrees(c.answers.length === 1 ? [got] : got, c.answers, m.fill_mask.score_rtol, c.text);
+      }
+      for (const text of m.fill_mask?.refused ?? []) await assert.rejects(model.fillMask(text), InputError, JSON.stringify(text.slice(0, 30)));
+      const past = m.fill_mask?.top_k_past_vocabulary;
+      if (past) assert.equal((await model.fillMask(past.text, { topK: past.top_k })).length, past.answers, 'top_k past the vocabulary');
+      if (m.predict?.max_values) {
+        assertClose(await model.predict(m.predict.sequences, { overlap: m.overlap, aggregate: 'max' }), m.predict.max_values, m.atol, 'predict, aggregate max');
       }
       if (m.predict) {
         const p = m.predict;
