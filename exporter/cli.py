@@ -452,10 +452,35 @@ def _in_background(fn, *args, **kwargs):
             done.put((False, e))
 
     threading.Thread(target=work, name="utrexport-engine", daemon=True).start()
-    finished, value = done.get()
+    try:
+        finished, value = done.get()
+    except BaseException as interrupt:  # SIGTERM's SystemExit or Ctrl-C, while the engine still runs
+        _end_after_unwinding(interrupt)
+        raise
     if not finished:
         raise value
     return value
+
+
+def _end_after_unwinding(interrupt: BaseException) -> None:
+    """An engine's call cannot be stopped, and tearing the interpreter down around it can abort the process (SIGABRT,
+    seen once in a CI run). So once the run has unwound (its partial output removed), the process ends at once, with
+    the status it was ending with, skipping the teardown."""
+    import atexit
+    import os
+    import sys
+
+    code = interrupt.code if isinstance(interrupt, SystemExit) and isinstance(interrupt.code, int) else 1
+
+    def end():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+    atexit.register(end)
 
 
 CHUNK, RAY_CHUNK = 512, 16  # --chunk defaults: on a cluster, the unit of work an actor takes
