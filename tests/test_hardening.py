@@ -595,15 +595,11 @@ def copy_of(path, tmp_path, **changes):
 
 def _refixture(path, change):
     """Rewrite fixtures.npz (and its checksum, as a forger would)."""
-    import hashlib
-
     with np.load(path / "fixtures.npz") as data:
         arrays = {key: data[key] for key in data.files}
     change(arrays)
     np.savez(path / "fixtures.npz", **arrays)
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"]["fixtures.npz"] = hashlib.sha256((path / "fixtures.npz").read_bytes()).hexdigest()
-    write_manifest(path, manifest)
+    _refixture_checksum(path)
 
 
 @pytest.mark.parametrize(
@@ -637,10 +633,10 @@ def test_fixtures_that_are_no_npz_are_one_line(copy):
 
 
 def _refixture_checksum(path):
-    import hashlib
+    from utr_runtime.bundle import sha256_file
 
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"]["fixtures.npz"] = hashlib.sha256((path / "fixtures.npz").read_bytes()).hexdigest()
+    manifest["files"]["fixtures.npz"] = sha256_file(path / "fixtures.npz")
     write_manifest(path, manifest)
 
 

@@ -187,20 +187,18 @@ class TensorRTRunner:
             staging[: host.nbytes] = host.reshape(-1).view(np.uint8)
             _call(cudart.cudaMemcpyAsync(device, staging.ctypes.data, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
             self.context.set_tensor_address(name, device)
-        shapes = {}
-        for name in self.output_names:
-            shapes[name] = tuple(self.context.get_tensor_shape(name))
-            nbytes = int(np.prod(shapes[name])) * self.dtypes[name].itemsize
+        shapes = {name: tuple(self.context.get_tensor_shape(name)) for name in self.output_names}
+        sizes = {name: int(np.prod(shape)) * self.dtypes[name].itemsize for name, shape in shapes.items()}
+        for name, nbytes in sizes.items():
             self.context.set_tensor_address(name, self._buffer(name, nbytes))
         if not self.context.execute_async_v3(self.stream):
             raise UtrError("TensorRT execution failed")
-        for name, shape in shapes.items():
-            nbytes = int(np.prod(shape)) * self.dtypes[name].itemsize
-            staging = self._staging(name, nbytes)
-            _call(cudart.cudaMemcpyAsync(staging.ctypes.data, self.buffers[name][0], nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+        staged = {name: self._staging(name, nbytes)[:nbytes] for name, nbytes in sizes.items()}
+        for name, staging in staged.items():
+            _call(cudart.cudaMemcpyAsync(staging.ctypes.data, self.buffers[name][0], sizes[name], cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
         _call(cudart.cudaStreamSynchronize(self.stream))
-        return {name: self._staging(name, 0)[: int(np.prod(shape)) * self.dtypes[name].itemsize].view(self.dtypes[name]).reshape(shape)
-                .astype(np.float32) for name, shape in shapes.items()}  # astype copies: the staging buffer is reused
+        # astype copies: the staging buffers are reused by the next run
+        return {name: staging.view(self.dtypes[name]).reshape(shapes[name]).astype(np.float32) for name, staging in staged.items()}
 
     def _buffer(self, name: str, nbytes: int) -> int:
         """A device buffer of at least nbytes for a tensor, reused across runs and grown when a batch needs more."""
