@@ -70,13 +70,26 @@ def test_conformance_windows_follow_the_spec(tiny_bundle):
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
 def test_runtime_meets_the_conformance_vectors(contract_bundles, engine):
+    """Every precision of every bundle, under the vectors' tolerance for that precision."""
     if not installed(engine):
         pytest.skip(f"{engine} is not installed")
     for bundle in contract_bundles:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = utr_runtime.load(bundle, engine=engine)
-            assert check(model, vectors(bundle)) == [], bundle
+        for precision in utr_runtime.Bundle(bundle).precisions:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = utr_runtime.load(bundle, precision=precision, engine=engine)
+                assert check(model, vectors(bundle)) == [], (bundle, precision)
+
+
+def test_upper_casing_reaches_the_ids_only_through_lengths_and_alphabet_letters():
+    """docs/spec.md section 2's claim, on this Python's Unicode data: outside ASCII a-z, a code point whose full
+    upper case is one code point never gives A, C, G, T, U or N, so only the expansions (all in one vector) matter."""
+    from utr_runtime.conformance import upper_case_expansions
+
+    single = {c: chr(c).upper() for c in range(128, 0x110000) if not 0xD800 <= c <= 0xDFFF and len(chr(c).upper()) == 1}
+    assert {chr(c) + u for c, u in single.items() if u in "ACGTUN"} == set()
+    assert {chr(c) + u for c, u in single.items() if u.isascii() and u != chr(c)} == {"ıI", "ſS"}
+    assert len(upper_case_expansions()) == 8 + 102
 
 
 def test_conformance_check_can_fail(tiny_bundle):
@@ -87,11 +100,29 @@ def test_conformance_check_can_fail(tiny_bundle):
     v["model"]["mean"][0][0] += 1e-3
     v["model"]["fill_mask"]["refused"].append("ACGU<mask>ACGUAG")  # a text it answers
     v["model"]["fill_mask"]["top_k_past_vocabulary"]["answers"] += 1
+    v["padding"]["attention_mask"][2][5] = 0  # the written <pad>
+    v["truncated_windows"][-1]["windows"][0][1] += 1
+    v["validity"][-1]["refused"] = True  # one window of k-mers is not too many for an MLM bundle
+    v["model"]["forward"]["last_hidden_state"][1][0][0] += 1e-3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         failures = check(utr_runtime.load(bundle), v)
-    assert [f.split(":")[0] for f in failures] == ["tokenizer", "windows", "embed mean", "fill-mask must refuse 'ACGU<mask>ACGUAG'",
+    assert [f.split(":")[0] for f in failures] == ["tokenizer", "padding", "validity", "windows", "truncated windows", "embed mean",
+                                                   "forward with (B, 0) mask_positions", "fill-mask must refuse 'ACGU<mask>ACGUAG'",
                                                    "fill-mask"]
+
+
+def test_conformance_tolerance_below_fp32_can_fail(all_precisions):
+    """int8 meets its own tolerance, not fp32's; a tolerance missing for a precision is a failure, not a pass."""
+    v = vectors(all_precisions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = utr_runtime.load(all_precisions, precision="int8")
+    assert check(model, v) == []
+    v["model"]["tolerances"]["int8"] = v["model"]["tolerances"]["fp32"]
+    assert "embed mean" in check(model, v)
+    del v["model"]["tolerances"]["int8"]
+    assert check(model, v)[-1] == "no tolerance for precision int8"
 
 
 def test_every_precision_runs_without_mask_positions(all_precisions):
@@ -144,8 +175,9 @@ def test_node_client(contract_bundles, tmp_path):
     result = subprocess.run([node, "--test", "--test-reporter=spec", *sorted(map(str, (NODE_CLIENT / "test").glob("*.test.js")))],
                             cwd=NODE_CLIENT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    # none skipped: 4 conformance tests per bundle, one parity test per record, and the hostile-manifest cases
-    assert "skipped 0\n" in result.stdout and f"pass {len(contract_bundles) * 4 + len(records) + HOSTILE_MANIFESTS}\n" in result.stdout, \
+    # none skipped: per bundle 3 conformance tests and one per precision, per record (a bundle's precision) one parity
+    # test, and the hostile-manifest cases
+    assert "skipped 0\n" in result.stdout and f"pass {len(contract_bundles) * 3 + 2 * len(records) + HOSTILE_MANIFESTS}\n" in result.stdout, \
         result.stdout[-3000:]
     print(*[line for line in result.stdout.splitlines() if "max abs difference" in line], sep="\n")
 

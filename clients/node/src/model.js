@@ -51,11 +51,8 @@ export class Model {
 
   /** Raw outputs (onnxruntime-node tensors) for rows of ids, padded here; positions: per row, the indices wanted in `logits`. */
   async forward(rows, positions = null) {
-    const length = Math.max(...rows.map((r) => r.length));
+    const { ids, mask, length } = this.tokenizer.pad(rows);
     if (length > this.maxTokens) throw new InputError(`${length} tokens is more than this model's maximum of ${this.maxTokens}`);
-    const ids = new BigInt64Array(rows.length * length);
-    const mask = new BigInt64Array(rows.length * length);
-    rows.forEach((row, b) => row.forEach((id, j) => { ids[b * length + j] = BigInt(id); mask[b * length + j] = 1n; }));
     const feeds = {
       input_ids: new ort.Tensor('int64', ids, [rows.length, length]),
       attention_mask: new ort.Tensor('int64', mask, [rows.length, length]),

@@ -49,6 +49,16 @@ export class KmerTokenizer {
     }
   }
 
+  /** Rows of ids right-padded with <pad> into flat (B x L) int64 input_ids and attention_mask (1 on every id of a
+   * row, a written <pad> included; 0 on the padding added here). */
+  pad(rows) {
+    const length = Math.max(...rows.map((r) => r.length));
+    const ids = new BigInt64Array(rows.length * length); // <pad> is 0
+    const mask = new BigInt64Array(rows.length * length);
+    rows.forEach((row, b) => row.forEach((id, j) => { ids[b * length + j] = BigInt(id); mask[b * length + j] = 1n; }));
+    return { ids, mask, length };
+  }
+
   decode(ids, skipSpecialTokens = false) {
     return ids.filter((i) => !(skipSpecialTokens && i < SPECIAL_TOKENS.length)).map((i) => this.vocabulary[i]).join(' ');
   }

@@ -36,3 +36,56 @@ export function assertFillMaskAgrees(got, expected, rtol, what) {
     });
   });
 }
+
+/** The comparator of `utrexport verify` (utr_runtime/parity.py) under one precision's tolerance from conformance.json:
+ * `max_abs`, `mean_cosine` and `min_cosine` over the vectors (rows of the last axis, `width` values each); for raw task
+ * outputs (`task` given) `prob_max_abs` on probabilities (relative to the largest reference value for regression)
+ * and `agreement` on the decisive labels. */
+export function assertWithin(actual, expected, tolerance, what, { width, task = null, decisiveMargin = 0.1 } = {}) {
+  const a = flat(actual);
+  const b = flat(expected);
+  assert.equal(a.length, b.length, `${what}: ${a.length} values, expected ${b.length}`);
+  assert.ok(a.every(Number.isFinite), `${what}: values that are not finite`);
+  if (tolerance.max_abs !== undefined) assertClose(a, b, tolerance.max_abs, what);
+  const rows = (x) => Array.from({ length: x.length / width }, (_, r) => x.slice(r * width, (r + 1) * width));
+  if (tolerance.mean_cosine !== undefined || tolerance.min_cosine !== undefined) {
+    const cosines = rows(a).map((row, r) => cosine(row, rows(b)[r]));
+    const mean = cosines.reduce((s, c) => s + c, 0) / cosines.length;
+    assert.ok(mean >= (tolerance.mean_cosine ?? -1), `${what}: mean cosine ${mean} < ${tolerance.mean_cosine}`);
+    assert.ok(Math.min(...cosines) >= (tolerance.min_cosine ?? -1), `${what}: min cosine ${Math.min(...cosines)} < ${tolerance.min_cosine}`);
+  }
+  if (tolerance.prob_max_abs !== undefined) {
+    const [pa, pb] = [rows(a), rows(b)].map((r) => r.map((row) => outputs(task.problem_type, row)));
+    let error = 0;
+    pa.forEach((row, r) => row.forEach((v, i) => { error = Math.max(error, Math.abs(v - pb[r][i])); }));
+    if (task.problem_type === 'regression') error /= Math.max(...pb.flat().map(Math.abs), 1e-12);
+    assert.ok(error <= tolerance.prob_max_abs, `${what}: probability max abs difference ${error} > ${tolerance.prob_max_abs}`);
+    if (task.problem_type === 'regression') return;
+    const decided = pb.map((row, r) => decisions(task.problem_type, row).map((d, i) => [d, decisions(task.problem_type, pa[r])[i]]));
+    const decisive = decided.flat().filter(([d]) => d.margin > decisiveMargin);
+    const agreement = decisive.length ? decisive.filter(([d, c]) => d.label === c.label).length / decisive.length : 1;
+    assert.ok(agreement >= tolerance.agreement, `${what}: ${agreement} of the decisive labels kept, below ${tolerance.agreement}`);
+  }
+}
+
+function cosine(x, y) {
+  let [dot, nx, ny] = [0, 0, 0];
+  x.forEach((v, i) => { dot += v * y[i]; nx += v * v; ny += y[i] * y[i]; });
+  return nx * ny > 0 ? dot / Math.sqrt(nx * ny) : 1;
+}
+
+// A task head's outputs of one row (section 8) and its decisions with their margins (utr_runtime.parity.labels).
+function outputs(problemType, row) {
+  if (problemType === 'binary' || problemType === 'multilabel') return row.map((v) => 1 / (1 + Math.exp(-v)));
+  if (problemType !== 'multiclass') return row;
+  const max = Math.max(...row);
+  const exps = row.map((v) => Math.exp(v - max));
+  const total = exps.reduce((s, e) => s + e, 0);
+  return exps.map((e) => e / total);
+}
+
+function decisions(problemType, probabilities) {
+  if (problemType !== 'multiclass') return probabilities.map((p) => ({ label: p >= 0.5, margin: Math.abs(p - 0.5) }));
+  const order = probabilities.map((_, i) => i).sort((i, j) => probabilities[j] - probabilities[i]);
+  return [{ label: order[0], margin: probabilities[order[0]] - probabilities[order[1]] }];
+}
