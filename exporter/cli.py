@@ -299,48 +299,136 @@ def _model_options(fn):
     return fn
 
 
+def _genome_options(fn):
+    """Inputs from coordinates: regions of a genome FASTA described by a BED or GTF/GFF3 file (utrexport.genome)."""
+    options = [
+        click.option("--genome", type=click.Path(dir_okay=False, path_type=str),
+                     help="Genome FASTA (plain or bgzip; indexed beside it on first use) to read regions from, with --bed or --gtf."),
+        click.option("--bed", type=click.Path(dir_okay=False, path_type=str), help="Regions: BED6 or BED12 (blocks spliced in order)."),
+        click.option("--gtf", type=click.Path(dir_okay=False, path_type=str),
+                     help="Regions: GTF or GFF3 features grouped by transcript (transcript_id or Parent)."),
+        click.option("--feature", help="GTF/GFF3 feature type to read [default: three_prime_utr, any letter case]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+class _Regions:
+    """The sequences of a genome's regions, written to a hidden TSV beside the output (id, sequence), with each id's
+    coordinates for the writer; regions that cannot be read are errors naming them, or skipped with --skip-invalid."""
+
+    def __init__(self, genome: str | None, bed: str | None, gtf: str | None, feature: str | None, output: str, skip: bool):
+        from .genome import Genome, read_regions
+
+        if bool(bed) == bool(gtf):
+            raise CommandError("--genome reads the regions of one annotation: give --bed or --gtf")
+        if not genome:
+            raise CommandError("--bed and --gtf describe regions of a genome: give --genome FASTA")
+        self.genome, self.skipped, self.coordinates = Genome(genome), [], {}
+        self.regions = list(read_regions(bed or gtf, "bed" if bed else "gtf", feature))
+        if not self.regions:
+            raise CommandError(f"{bed or gtf}: no regions")
+        self.output, self.skip = output, skip
+
+    def judged(self) -> list:
+        """The regions that can be read; the others raise, or are listed in `skipped`."""
+        from utr_runtime.errors import InputError
+
+        good = []
+        for region in self.regions:
+            problem = self.genome.problem(region)
+            if problem and not self.skip:
+                raise InputError(f"{region.where}: region {region.id!r}: {problem}")
+            if problem:
+                self.skipped.append((region.id, problem))
+            else:
+                good.append(region)
+        return good
+
+    def __enter__(self) -> str:
+        import os
+        import tempfile
+
+        folder = os.path.dirname(os.path.abspath(self.output))
+        fd, self.path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(self.output)}.regions-", suffix=".tsv")
+        with os.fdopen(fd, "w") as out:  # ids come from tab-separated cells and sequences from the genome: no tab or newline
+            out.write("id\tsequence\n")
+            for region in self.judged():
+                out.write(f"{region.id}\t{self.genome.sequence(region)}\n")
+                self.coordinates[region.id] = (region.chrom, region.start, region.end, region.strand)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        os.unlink(self.path)
+
+
+def _inputs(input: str | None, genome, bed, gtf, feature, output: str, skip_invalid: bool):
+    """INPUT, or the regions of --genome: (a context giving the file to read, the coordinates or None, skipped)."""
+    import contextlib
+
+    if genome or bed or gtf:
+        if input:
+            raise CommandError("give INPUT or --genome with --bed/--gtf, not both")
+        regions = _Regions(genome, bed, gtf, feature, output, skip_invalid)
+        return regions, regions.coordinates, regions.skipped
+    if not input:
+        raise CommandError("give INPUT (FASTA, TSV/CSV, or - for stdin), or --genome with --bed or --gtf")
+    return contextlib.nullcontext(input), None, []
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=str))
-@click.argument("input", metavar="INPUT", type=str)
+@click.argument("input", metavar="[INPUT]", type=str, required=False)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str), help="Output file: .npy, .npz (ids + vectors) or .parquet.")
 @click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True)
 @click.option("--truncate", is_flag=True, help="Embed only the first 510 k-mers of long sequences instead of all windows.")
 @_model_options
+@_genome_options
 @_fail_cleanly
 def embed(bundle, input, output, pooling, truncate, precision, device, engine, column, strict, max_length, skip_invalid, overlap,
-          batch_tokens, chunk, threads, force, ray_address, workers) -> None:
-    """Embed the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin): one vector per sequence."""
-    _check_output(output, input, force)
+          batch_tokens, chunk, threads, force, ray_address, workers, genome, bed, gtf, feature) -> None:
+    """Embed the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin), or the regions of --genome with --bed
+    or --gtf: one vector per sequence."""
+    _check_output(output, input or genome or "", force)
     from .writers import open_writer
 
-    runner = _Runner(bundle, "embed", dict(pooling=pooling, max_batch_tokens=batch_tokens, overlap=overlap, truncation=truncate, strict=strict),
-                     dict(precision=precision, device=device, threads=threads, engine=engine), ray_address, workers, input)
-    with open_writer(output, runner.hidden_size, replace=force) as writer:
-        _stream(input, column, chunk, runner, writer, skip_invalid, output, max_length)
+    source, coordinates, skipped = _inputs(input, genome, bed, gtf, feature, output, skip_invalid)
+    with source as path:
+        runner = _Runner(bundle, "embed", dict(pooling=pooling, max_batch_tokens=batch_tokens, overlap=overlap, truncation=truncate, strict=strict),
+                         dict(precision=precision, device=device, threads=threads, engine=engine), ray_address, workers, path)
+        with open_writer(output, runner.hidden_size, replace=force, coordinates=coordinates) as writer:
+            _stream(path, column, chunk, runner, writer, skip_invalid, output, max_length, skipped)
     click.echo(f"{writer.rows} embeddings ({runner.hidden_size}-d, {pooling} pooling) written to {output}")
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=str))
-@click.argument("input", metavar="INPUT", type=str)
+@click.argument("input", metavar="[INPUT]", type=str, required=False)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Sequence level: .tsv, .csv or .parquet. Nucleotide level: .npz or .parquet. Contact level: .npz.")
 @click.option("--logits", is_flag=True, help="Write the head's raw outputs instead of probabilities.")
 @click.option("--aggregate", type=click.Choice(["mean", "max"]), default="mean", show_default=True,
               help="Sequence level: how the windows of a sequence longer than one window are combined.")
 @_model_options
+@_genome_options
 @_fail_cleanly
 def predict(bundle, input, output, logits, aggregate, precision, device, engine, column, strict, max_length, skip_invalid, overlap,
-            batch_tokens, chunk, threads, force, ray_address, workers) -> None:
-    """Run a fine-tuned bundle's task head on the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin)."""
-    _check_output(output, input, force)
+            batch_tokens, chunk, threads, force, ray_address, workers, genome, bed, gtf, feature) -> None:
+    """Run a fine-tuned bundle's task head on the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin), or on
+    the regions of --genome with --bed or --gtf."""
+    _check_output(output, input or genome or "", force)
     from .writers import open_prediction_writer
 
-    runner = _Runner(bundle, "predict", dict(logits=logits, aggregate=aggregate, max_batch_tokens=batch_tokens, overlap=overlap, strict=strict),
-                     dict(precision=precision, device=device, threads=threads, engine=engine), ray_address, workers, input)
-    task = runner.task
-    with open_prediction_writer(output, task, replace=force) as writer:
-        _stream(input, column, chunk, runner, writer, skip_invalid, output, max_length)
+    source, coordinates, skipped = _inputs(input, genome, bed, gtf, feature, output, skip_invalid)
+    with source as path:
+        runner = _Runner(bundle, "predict", dict(logits=logits, aggregate=aggregate, max_batch_tokens=batch_tokens, overlap=overlap, strict=strict),
+                         dict(precision=precision, device=device, threads=threads, engine=engine), ray_address, workers, path)
+        task = runner.task
+        with open_prediction_writer(output, task, replace=force, coordinates=coordinates) as writer:
+            _stream(path, column, chunk, runner, writer, skip_invalid, output, max_length, skipped)
     what = "raw outputs" if logits else ("values" if task["problem_type"] == "regression" else "probabilities")
     click.echo(f"{task['level']}-level {what} of {writer.rows} sequences ({', '.join(task['labels'])}) written to {output}")
 
@@ -486,7 +574,8 @@ def _end_after_unwinding(interrupt: BaseException) -> None:
 CHUNK, RAY_CHUNK = 512, 16  # --chunk defaults: on a cluster, the unit of work an actor takes
 
 
-def _stream(input: str, column: str | None, chunk: int | None, runner: _Runner, writer, skip_invalid: bool, output: str, max_length: int) -> None:
+def _stream(input: str, column: str | None, chunk: int | None, runner: _Runner, writer, skip_invalid: bool, output: str, max_length: int,
+            skipped: list[tuple[str, str]] | None = None) -> None:
     """Read INPUT `chunk` records at a time, run them and write the results, reporting progress per batch.
 
     Records are judged before any model work: a regular file is scanned whole first (stdin or a pipe as it streams),
@@ -501,7 +590,7 @@ def _stream(input: str, column: str | None, chunk: int | None, runner: _Runner, 
     from .records import valid_chunks
 
     chunk = chunk or (RAY_CHUNK if runner.ray_address else CHUNK)
-    skipped: list[tuple[str, str]] = []
+    skipped = list(skipped or [])  # records left out before this read (regions of a genome)
     label = "stdin" if input == "-" else input  # as the readers name it
 
     def judged(name: str, reason: str) -> None:
@@ -541,6 +630,122 @@ def _stream(input: str, column: str | None, chunk: int | None, runner: _Runner, 
     if unknown:
         _log(f"note: {unknown} sequences hold characters other than A, C, G, U, T, N; the k-mers holding them were read as <unk> (--strict refuses them)")
 
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.argument("input", metavar="[INPUT]", type=str, required=False)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str), help="Table: .tsv, .csv or .parquet.")
+@click.option("--vcf", type=click.Path(dir_okay=False, path_type=str), help="Variants of a VCF (plain or gzip), in the regions of --genome with --bed/--gtf.")
+@click.option("--saturate", is_flag=True, help="Every single-nucleotide substitution of each sequence of INPUT (or region): 3 per position.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), help="With --saturate: a PNG heatmap (alternative x position) per sequence (at most 12).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+@_engine_option
+@click.option("--threads", type=click.IntRange(1), help="Engine threads [default: all cores].")
+@click.option("--overlap", type=click.IntRange(0, 500), default=64, show_default=True, help="k-mers shared by neighbouring windows.")
+@click.option("--batch-tokens", type=click.IntRange(512), default=8192, show_default=True, help="Token budget of one batch.")
+@click.option("--max-length", type=click.IntRange(1), default=10_000_000, show_default=True, help="Longest record (nt) read.")
+@click.option("--skip-invalid", is_flag=True, help="Leave out bad variants (reference allele not matching, ...) and list them in OUTPUT.skipped.tsv.")
+@click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
+@_genome_options
+@_fail_cleanly
+def variants(bundle, input, output, vcf, saturate, plot, precision, device, engine, threads, overlap, batch_tokens, max_length, skip_invalid, force,
+             genome, bed, gtf, feature) -> None:
+    """Variant effects: for each variant, the cosine distance between the reference's and the alternative's mean
+    embeddings and, for a sequence-level task head, p_ref, p_alt, diff and logOR (the 3UTRBERT paper's scores).
+
+    \b
+    Variants come from INPUT, a TSV/CSV with columns id, sequence, position (1-based), ref, alt;
+    or from --vcf with --genome and --bed/--gtf (strand-aware: minus-strand alleles are complemented);
+    or with --saturate, every substitution of the sequences of INPUT (FASTA, TSV/CSV) or of the regions.
+    Substitutions rerun only the windows that hold them; insertions and deletions rerun the edited sequence whole.
+    """
+    from utr_runtime.errors import InputError
+
+    from . import scoring
+    from .writers import ColumnsWriter
+
+    _check_output(output, input or vcf or genome or "", force)
+    if plot and not saturate:
+        raise CommandError("--plot draws saturation heatmaps: use it with --saturate")
+    if vcf and saturate:
+        raise CommandError("--vcf scores the VCF's variants; --saturate scores every substitution: choose one")
+    skipped: list[tuple[str, str]] = []
+
+    def judged(name: str, reason: str) -> None:
+        if not skip_invalid:
+            raise InputError(f"variant {name!r}: {reason}")
+        skipped.append((name, reason))
+
+    regions = _Regions(genome, bed, gtf, feature, output, skip_invalid) if (genome or bed or gtf) else None
+    if regions and input:
+        raise CommandError("give INPUT or --genome with --bed/--gtf, not both")
+    if vcf and not regions:
+        raise CommandError("--vcf places variants on regions of a genome: give --genome and --bed or --gtf")
+    if not (input or regions):
+        raise CommandError("give INPUT (a variant table, or sequences with --saturate), or --genome with --bed/--gtf")
+    if vcf:
+        jobs = scoring.vcf_jobs(vcf, regions.genome, regions.regions, judged, _log)
+    elif saturate:
+        if regions:
+            records = [(r.id, regions.genome.sequence(r)) for r in regions.judged()]
+            skipped += regions.skipped
+        else:
+            from utr_runtime.sequences import read_sequences
+
+            records = list(read_sequences(input, max_length=max_length))
+        jobs = list(scoring.saturate_jobs(iter(records)))
+    elif regions:
+        raise CommandError("with --genome, give --vcf (the variants) or --saturate (every substitution of each region)")
+    else:
+        jobs = scoring.table_jobs(input, judged)
+    model = _load(bundle, precision=precision, device=device, threads=threads, engine=engine)
+    jobs = _judge_jobs(model, jobs, judged)
+    if not jobs:
+        raise InputError("no variants to score" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    if plot and len(jobs) > 12:
+        raise CommandError(f"--plot draws one heatmap per sequence, at most 12; this run has {len(jobs)}")
+    if model.task is not None and model.task["level"] != "sequence":
+        _log(f"note: the {model.task['level']}-level head is not scored (p_ref, p_alt, diff, logOR are sequence-level); cosine distances are")
+    _log(_running(model.precision, model.engine, model.device, threads))
+    from tqdm import tqdm
+
+    tables = []
+    with ColumnsWriter(output, replace=force) as writer, tqdm(total=sum(len(j.edits) for j in jobs), unit="variant", file=sys.stderr,
+                                                               disable=not sys.stderr.isatty(), dynamic_ncols=True) as bar:
+        for job in jobs:  # the engine runs in a background thread, so that SIGTERM and Ctrl-C end the run at once
+            for columns in _in_background(list, scoring.score_columns(model, job, overlap, batch_tokens, bar.update)):
+                writer.write(columns)
+                if plot:
+                    tables.append(columns)
+    if plot:
+        what = next((c for c in tables[0] if c.startswith("diff")), "cosine_distance")
+        scoring.plot(jobs, _merge_tables(jobs, tables), plot, what)
+    if skipped:
+        _log(f"skipped {len(skipped)} invalid variant(s), listed in {_write_skipped(output, skipped)}")
+    click.echo(f"{writer.rows} variant effects of {len(jobs)} sequence(s) written to {output}" + (f"; heatmaps in {plot}" if plot else ""))
+
+
+def _judge_jobs(model, jobs: list, judged) -> list:
+    """Jobs whose sequence the model can run (section 3 of docs/spec.md); the variants of the others are judged."""
+    problems = model.problems([job.sequence for job in jobs])
+    for job, problem in zip(jobs, problems):
+        if problem:
+            for row in job.rows:
+                judged(row["id"], f"its sequence {job.sequence_id!r}: {problem}")
+    return [job for job, problem in zip(jobs, problems) if not problem]
+
+
+def _merge_tables(jobs: list, tables: list[dict]) -> list[dict]:
+    """One table per job from the chunks `score_columns` yielded (in job order)."""
+    merged, chunks = [], iter(tables)
+    for job in jobs:
+        table: dict = {}
+        while len(table.get("position", ())) < len(job.edits):
+            for name, values in next(chunks).items():
+                table.setdefault(name, []).extend(values)
+        merged.append(table)
+    return merged
 
 LONG_RUN = 600.0  # seconds: a run expected to take longer hears of the bundle's int8, if it passed its parity check
 

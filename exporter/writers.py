@@ -4,6 +4,8 @@ embeddings:             .npy (vectors), .npz (ids + vectors), .parquet (id, vect
 sequence predictions:   .tsv / .csv / .parquet (id, label, one column per label)
 nucleotide predictions: .npz (ids, lengths, values: every sequence's rows, concatenated) or .parquet (id, values)
 contact predictions:    .npz (ids, lengths n, values: every sequence's n x n rows, concatenated)
+variant effects:        .tsv / .csv / .parquet (ColumnsWriter: named columns)
+Regions read from a genome keep chrom, start, end and strand beside each id (.npz, .parquet, .tsv, .csv).
 
 Rows arrive chunk by chunk and go to a hidden temporary file beside the target; `close` renames it into
 place, `abort` removes it. A half-written output never carries the target's name.
@@ -28,19 +30,24 @@ FORMATS = (".npy", ".npz", ".parquet")
 PREDICTION_FORMATS = {"sequence": (".tsv", ".csv", ".parquet"), "nucleotide": (".npz", ".parquet"), "contact": (".npz",)}
 
 
-def open_writer(path: str | os.PathLike, dim: int, replace: bool = False):
+COORDINATES = ("chrom", "start", "end", "strand")  # of a region read from a genome (utrexport.genome), by record id
+
+
+def open_writer(path: str | os.PathLike, dim: int, replace: bool = False, coordinates: dict | None = None):
     """A writer of embeddings: write(ids, vectors (N, dim)). replace: the finished file may replace one at `path`
-    (--force); otherwise a file that appeared there meanwhile is an error and is left as it is."""
+    (--force); otherwise a file that appeared there meanwhile is an error and is left as it is. coordinates: id ->
+    (chrom, start, end, strand), written beside each id (.npz and .parquet)."""
     path = Path(path)
     suffix = path.suffix.lower()
+    _check_coordinates(path, coordinates, (".npz", ".parquet"))
     if suffix == ".parquet":
-        return ParquetWriter(path, lambda pa: [("vector", pa.list_(pa.float32(), dim))], _vector_columns, replace)
+        return ParquetWriter(path, lambda pa: [("vector", pa.list_(pa.float32(), dim))], _vector_columns, replace, coordinates)
     if suffix in (".npy", ".npz"):
-        return NumpyWriter(path, dim, replace=replace)
+        return NumpyWriter(path, dim, replace=replace, coordinates=coordinates)
     raise UtrError(f"{path}: output must end in {', '.join(FORMATS)}")
 
 
-def open_prediction_writer(path: str | os.PathLike, task: dict, replace: bool = False):
+def open_prediction_writer(path: str | os.PathLike, task: dict, replace: bool = False, coordinates: dict | None = None):
     """A writer of predict() results for a task: write(ids, predictions) with predictions as predict() returns them."""
     path = Path(path)
     level, suffix = task["level"], path.suffix.lower()
@@ -50,11 +57,76 @@ def open_prediction_writer(path: str | os.PathLike, task: dict, replace: bool = 
     if level == "sequence":
         if suffix == ".parquet":
             fields = lambda pa: [("label", pa.string())] * _decides(task) + [(name, pa.float32()) for name in task["labels"]]
-            return ParquetWriter(path, fields, lambda pa, rows: _label_columns(task, rows), replace)
-        return TableWriter(path, task, replace)
+            return ParquetWriter(path, fields, lambda pa, rows: _label_columns(task, rows), replace, coordinates)
+        return TableWriter(path, task, replace, coordinates)
     if suffix == ".parquet":
-        return ParquetWriter(path, lambda pa: [("values", pa.list_(pa.list_(pa.float32(), n)))], _ragged_columns, replace)
-    return NumpyWriter(path, n, name="values", ragged=True, replace=replace)
+        return ParquetWriter(path, lambda pa: [("values", pa.list_(pa.list_(pa.float32(), n)))], _ragged_columns, replace, coordinates)
+    return NumpyWriter(path, n, name="values", ragged=True, replace=replace, coordinates=coordinates)
+
+
+def _check_coordinates(path: Path, coordinates: dict | None, formats: tuple[str, ...]) -> None:
+    if coordinates is not None and path.suffix.lower() not in formats:
+        raise UtrError(f"{path}: regions read from a genome keep their coordinates beside each id: write {' or '.join(formats)}")
+
+
+def _coordinate_columns(ids: list[str], coordinates: dict) -> dict:
+    rows = [coordinates[i] for i in ids]
+    return {name: [row[j] for row in rows] for j, name in enumerate(COORDINATES)}
+
+
+class ColumnsWriter:
+    """A table of named columns (.tsv, .csv or .parquet), written chunk by chunk: write({name: values}). The columns
+    are those of the first chunk; a half-written table never carries the target's name."""
+
+    def __init__(self, path: str | os.PathLike, replace: bool = False):
+        path = Path(path)
+        if path.suffix.lower() not in (".tsv", ".csv", ".parquet"):
+            raise UtrError(f"{path}: the table must end in .tsv, .csv or .parquet")
+        self.path, self.replace, self.out, self.rows = path, replace, None, 0
+        if path.suffix.lower() == ".parquet":
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise UtrError("parquet output needs pyarrow: pip install 'utrexport[parquet]'") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if self.out is None:
+            if kind is None:
+                raise UtrError("nothing to write")
+            return
+        self.out.__exit__(kind, value, tb)
+
+    def write(self, columns: dict) -> None:
+        if self.out is None:
+            self.out = self._open(columns)
+        n = len(next(iter(columns.values())))
+        if self.path.suffix.lower() == ".parquet":
+            self.out.writer.write_table(self.out.pa.Table.from_pydict(columns, schema=self.out.schema))
+        else:
+            cells = [[v if isinstance(v, str) else f"{v:.6g}" if isinstance(v, (float, np.floating)) else str(v) for v in values]
+                     for values in columns.values()]
+            self.out.table.writerows(zip(*cells))
+        self.out.rows += n
+        self.rows += n
+
+    def _open(self, columns: dict):
+        out = _Atomic(self.path, self.replace)
+        if self.path.suffix.lower() == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            out.pa, out.schema = pa, pa.Table.from_pydict(columns).schema
+            out.writer = pq.ParquetWriter(out.file, out.schema)
+            out.close = lambda: (out.writer.close(), out._publish())
+            return out
+        out.text = io.TextIOWrapper(out.file, encoding="utf-8", newline="")
+        out.table = csv.writer(out.text, delimiter="\t" if self.path.suffix.lower() == ".tsv" else ",", lineterminator="\n")
+        out.table.writerow(list(columns))
+        out.close = lambda: (out.text.flush(), out._publish())
+        return out
 
 
 def decide(task: dict, probabilities: np.ndarray) -> list[str]:
@@ -154,11 +226,11 @@ class NumpyWriter(_Atomic):
     holds `lengths` (rows per record, or n for a contact map) and `values` (all records' rows, concatenated).
     """
 
-    def __init__(self, path: Path, dim: int, name: str = "vectors", ragged: bool = False, replace: bool = False):
+    def __init__(self, path: Path, dim: int, name: str = "vectors", ragged: bool = False, replace: bool = False, coordinates: dict | None = None):
         if ragged and path.suffix.lower() != ".npz":
             raise UtrError(f"{path}: this output is ragged (one array per record): write it as .npz")
         super().__init__(path, replace)
-        self.dim, self.name, self.ragged = dim, name, ragged
+        self.dim, self.name, self.ragged, self.coordinates = dim, name, ragged, coordinates
         self.ids: list[str] = []
         self.lengths: list[int] = []
         self.value_rows = 0
@@ -192,6 +264,8 @@ class NumpyWriter(_Atomic):
             else:
                 with zipfile.ZipFile(self.file, "w", allowZip64=True) as archive:
                     _add_array(archive, "ids", np.array(self.ids, dtype=str))
+                    for column, values in (_coordinate_columns(self.ids, self.coordinates) if self.coordinates else {}).items():
+                        _add_array(archive, column, np.array(values, dtype=np.int64 if column in ("start", "end") else str))
                     if self.ragged:
                         _add_array(archive, "lengths", np.array(self.lengths, dtype=np.int64))
                     with archive.open(f"{self.name}.npy", "w", force_zip64=True) as out:
@@ -234,18 +308,19 @@ def _add_array(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
 class TableWriter(_Atomic):
     """Sequence-level predictions as a TSV or CSV table: id, label (not for regression), one column per label."""
 
-    def __init__(self, path: Path, task: dict, replace: bool = False):
+    def __init__(self, path: Path, task: dict, replace: bool = False, coordinates: dict | None = None):
         super().__init__(path, replace)
-        self.task = task
+        self.task, self.coordinates = task, coordinates
         self.text = io.TextIOWrapper(self.file, encoding="utf-8", newline="")
         self.table = csv.writer(self.text, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", lineterminator="\n")
-        self.table.writerow(["id"] + ["label"] * _decides(task) + list(task["labels"]))
+        self.table.writerow(["id"] + list(COORDINATES if coordinates else ()) + ["label"] * _decides(task) + list(task["labels"]))
 
     def write(self, ids: list[str], rows) -> None:
         values, probabilities = rows
         decided = decide(self.task, probabilities) if _decides(self.task) else [None] * len(ids)
         for name, label, row in zip(ids, decided, values):
-            self.table.writerow([name] + ([label] if label is not None else []) + [f"{v:.6g}" for v in row])
+            located = list(self.coordinates[name]) if self.coordinates else []
+            self.table.writerow([name] + located + ([label] if label is not None else []) + [f"{v:.6g}" for v in row])
         self.rows += len(ids)
 
     def close(self) -> None:
@@ -256,14 +331,15 @@ class TableWriter(_Atomic):
 class ParquetWriter(_Atomic):
     """An `id` column and the columns `fields(pa)` names, filled by `columns(pa, rows)` for each chunk."""
 
-    def __init__(self, path: Path, fields, columns, replace: bool = False):
+    def __init__(self, path: Path, fields, columns, replace: bool = False, coordinates: dict | None = None):
         try:  # before the temporary file exists: the import is slow, and may fail or be interrupted
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise UtrError("parquet output needs pyarrow: pip install 'utrexport[parquet]'") from None
-        self.pa, self.columns = pa, columns
-        self.schema = pa.schema([("id", pa.string()), *fields(pa)])
+        self.pa, self.columns, self.coordinates = pa, columns, coordinates
+        located = [("chrom", pa.string()), ("start", pa.int64()), ("end", pa.int64()), ("strand", pa.string())] if coordinates else []
+        self.schema = pa.schema([("id", pa.string()), *located, *fields(pa)])
         super().__init__(path, replace)
         try:
             self.writer = pq.ParquetWriter(self.file, self.schema)
@@ -273,7 +349,8 @@ class ParquetWriter(_Atomic):
 
     def write(self, ids: list[str], rows) -> None:
         pa = self.pa
-        columns = {"id": pa.array(ids, pa.string()), **self.columns(pa, rows)}
+        located = _coordinate_columns(ids, self.coordinates) if self.coordinates else {}
+        columns = {"id": pa.array(ids, pa.string()), **located, **self.columns(pa, rows)}
         self.writer.write_table(pa.Table.from_pydict(columns, schema=self.schema))
         self.rows += len(ids)
 

@@ -143,7 +143,8 @@ class Model:
         sums = np.zeros((len(sequences), self.hidden_size), np.float64)
         counts = np.zeros(len(sequences), np.int64)
         pieces: dict[int, list[tuple[int, np.ndarray]]] = {i: [] for i in range(len(sequences))}
-        for w, rows in self._window_outputs(windows, kmers, "last_hidden_state", batch_size, max_batch_tokens, progress):
+        for w, out in self._window_outputs(windows, kmers, ("last_hidden_state",), batch_size, max_batch_tokens, progress):
+            rows = out["last_hidden_state"]
             owned = rows[1 + w.own_start - w.start : 1 + w.own_end - w.start]  # row 0 is <cls>
             n_owned = w.own_end - w.own_start
             if pooling == "mean":
@@ -181,8 +182,12 @@ class Model:
             raise InputError(f"overlap must be an integer from 0 to {window - 1} k-mers (a window holds {window}), not {overlap!r}")
         return window
 
-    def _window_outputs(self, windows: list[Window], kmers: list[np.ndarray], name: str, batch_size: int, max_batch_tokens: int, progress):
-        """(window, its rows of output `name`, unpadded) for every window, run in length-sorted batches.
+    def _window_outputs(self, windows: list[Window], kmers: Sequence, names: tuple[str, ...], batch_size: int, max_batch_tokens: int,
+                        progress=None):
+        """(window, {name: its rows of that output, unpadded}) for every window, run in length-sorted batches.
+
+        kmers: per sequence, its k-mer ids (anything that slices to an id array: utr_runtime.variants passes edited
+        views of one reference).
 
         progress, if given, is called after each batch with the number of rows the batch finished (the rows its
         windows own: k-mers, or nucleotides for nucleotide-level predictions) and of sequences it completed (their
@@ -191,27 +196,30 @@ class Model:
         left = np.bincount([w.sequence for w in windows]) if windows else np.zeros(0, np.int64)  # windows to run per sequence
         for batch in plan_batches([w.length + 2 for w in windows], max_batch_tokens, batch_size):
             chosen = [windows[j] for j in batch]
-            yield from zip(chosen, self._run_windows(chosen, kmers, name))
+            yield from zip(chosen, self._run_windows(chosen, kmers, names))
             if progress:
                 np.subtract.at(left, [w.sequence for w in chosen], 1)
                 completed = len({w.sequence for w in chosen if left[w.sequence] == 0})
                 progress(sum(w.own_end - w.own_start for w in chosen), completed)
 
-    def _run_windows(self, windows: list[Window], kmers: list[np.ndarray], name: str) -> list[np.ndarray]:
-        """One output's rows for each window, without padding: last_hidden_state (<cls>, k-mers, <eos>), or
-        task_logits (the sequence's row, its nucleotides, or its k-mer pairs)."""
+    def _run_windows(self, windows: list[Window], kmers: Sequence, names: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
+        """The named outputs' rows for each window, without padding: last_hidden_state (<cls>, k-mers, <eos>), or
+        task_logits (the sequence's row, its nucleotides, or its k-mer pairs). One forward pass for all of them."""
         tok = self.tokenizer
         rows = [tok.with_specials(kmers[w.sequence][w.start : w.end]) for w in windows]
         input_ids, attention_mask = tok.pad(rows)
-        out = self.forward(input_ids, attention_mask)[name]
+        outputs = self.forward(input_ids, attention_mask)
+        return [{name: self._unpadded(name, outputs[name][j], w, len(r)) for name in names} for j, (w, r) in enumerate(zip(windows, rows))]
+
+    def _unpadded(self, name: str, out: np.ndarray, w: Window, tokens: int) -> np.ndarray:
         level = self.task["level"] if name == "task_logits" else None
         if level == "sequence":
-            return list(out)
+            return out
         if level == "nucleotide":
-            return [out[j, : w.length + self.k - 1] for j, w in enumerate(windows)]
+            return out[: w.length + self.k - 1]
         if level == "contact":
-            return [out[j, : w.length, : w.length] for j, w in enumerate(windows)]
-        return [out[j, : len(r)] for j, r in enumerate(rows)]
+            return out[: w.length, : w.length]
+        return out[:tokens]
 
     # ------------------------------------------------------------------------------------------ predict
     @property
@@ -262,7 +270,8 @@ class Model:
         finish = (lambda x: x.astype(np.float32)) if logits else (lambda x: task_outputs(task["problem_type"], x))
         pieces: dict[int, list[tuple[int, np.ndarray]]] = {i: [] for i in range(len(sequences))}
         weights: dict[int, list[int]] = {i: [] for i in range(len(sequences))}
-        for w, rows in self._window_outputs(windows, kmers, "task_logits", batch_size, max_batch_tokens, progress):
+        for w, out in self._window_outputs(windows, kmers, ("task_logits",), batch_size, max_batch_tokens, progress):
+            rows = out["task_logits"]
             if level == "nucleotide":
                 rows = rows[w.own_start - w.start : w.own_end - w.start]
             pieces[w.sequence].append((w.own_start, finish(rows)))

@@ -42,7 +42,7 @@ def read_sequences(source: str | os.PathLike, column: str | None = None, unique:
     """
     label = _label(source)
     seen: set[str] = set()
-    with _open_text(source) as handle:
+    with open_text(source) as handle:
         try:
             for name, seq in _parse(_lines(handle, label, max_length), label, column, max_length):
                 if unique:
@@ -77,7 +77,7 @@ def read_fasta(source: str | os.PathLike) -> list[tuple[str, str]]:
     return list(read_sequences(source))
 
 
-def _open_text(source) -> IO[str]:
+def open_text(source) -> IO[str]:
     if os.fspath(source) == "-":
         raw = sys.stdin.buffer
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import zlib
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -27,6 +28,19 @@ def multimolecule():
 @functools.cache
 def reference_tokenizer(k: int):
     return multimolecule().RnaTokenizer(nmers=k)
+
+
+TRAINED = Path(__file__).parent / "data" / "utrbert-3mer-dev-classifier"  # fine-tuned here: tests/data/make_task_model.py
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory):
+    """The shipped fine-tuned classifier (k=3, binary) as a bundle in fp32, fp16 and int8."""
+    from utrexport import checkpoints
+    from utrexport.build import build_bundle
+
+    out = tmp_path_factory.mktemp("trained") / "bundle"
+    return build_bundle(checkpoints.from_folder(TRAINED, 3), out, ("fp32", "fp16", "int8"), log=lambda m: None)
 
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import utr_runtime
-from conftest import TASK_HEADS, padded_real_batch, real_sequences
+from conftest import TASK_HEADS, TRAINED, padded_real_batch, real_sequences
 from utr_runtime.bundle import Bundle
 from utr_runtime.engines import open_runner
 from utr_runtime.parity import TOLERANCES, compare, task_outputs
@@ -325,15 +325,6 @@ def test_a_precision_below_its_gate_is_left_out(task_checkpoint, tmp_path, monke
 
 
 # ------------------------------------------------------------------------------------------------ a trained model
-TRAINED = Path(__file__).parent / "data" / "utrbert-3mer-dev-classifier"
-
-
-@pytest.fixture(scope="module")
-def trained_bundle(tmp_path_factory):
-    from utrexport.build import build_bundle
-
-    out = tmp_path_factory.mktemp("trained") / "bundle"
-    return build_bundle(checkpoints.from_folder(TRAINED, 3), out, ("fp32", "fp16", "int8"), log=lambda m: None)
 
 
 def test_trained_classifier_keeps_its_decisions_in_every_precision(trained_bundle):

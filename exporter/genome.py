@@ -1,0 +1,238 @@
+"""Sequences from coordinates: regions of a genome FASTA described by a BED or GTF/GFF3 file, strand-aware.
+
+A region is a transcript's blocks on one chromosome strand, in genome order (0-based, half-open). Its sequence is
+the blocks' bases joined in genome order, reverse-complemented on the minus strand, so it reads 5' to 3' as the
+transcript does. The genome is read with pyfaidx (an indexed FASTA, plain or bgzip; the index is made beside it
+on first use).
+
+The annotation files are read here with the csv module: BED and GTF/GFF3 are tab-separated lines whose few
+columns this needs (and GTF's attribute column, two small grammars); the libraries that parse them (pyranges,
+gtfparse, pysam) bring compiled dependencies and their own data frames for what is a line split, and none checks
+what matters here with an error naming the record: blocks that overlap or run out of order, an empty region.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+from utr_runtime.errors import InputError
+from utr_runtime.sequences import open_text
+
+FEATURES = ("three_prime_utr", "3utr", "three_prime_UTR")  # the default --feature, in any letter case
+COMPLEMENT = str.maketrans("ACGTUNacgtunRYKMrykmBDHVbdhvSWsw", "TGCAANtgcaanYRMKyrmkVHDBvhdbSWsw")  # DNA letters, as the genome
+
+
+@dataclass(frozen=True)
+class Region:
+    id: str
+    chrom: str
+    strand: str  # "+" or "-"
+    blocks: tuple[tuple[int, int], ...]  # (start, end), 0-based half-open, in genome order
+    where: str  # the record it came from, for errors: "FILE line N" or "FILE transcript ID"
+
+    @property
+    def start(self) -> int:
+        return self.blocks[0][0]
+
+    @property
+    def end(self) -> int:
+        return self.blocks[-1][1]
+
+    @property
+    def length(self) -> int:
+        return sum(e - s for s, e in self.blocks)
+
+    def offset(self, genome_position: int) -> int | None:
+        """The 0-based position in the region's sequence (5' to 3') of a 0-based genome position, or None outside."""
+        before = 0
+        for s, e in self.blocks:
+            if s <= genome_position < e:
+                forward = before + genome_position - s
+                return forward if self.strand != "-" else self.length - 1 - forward
+            before += e - s
+        return None
+
+
+def problem(region: Region) -> str | None:
+    """Why a region cannot be read (before the genome is looked at), or None."""
+    if not region.blocks or region.length == 0:
+        return "empty region"
+    if any(s < 0 or e < s for s, e in region.blocks):
+        return "a block ends before it starts"
+    for (_, e), (s, _) in zip(region.blocks, region.blocks[1:]):
+        if s < e:
+            return "blocks overlap or are out of order"
+    return None
+
+
+def reverse_complement(seq: str) -> str:
+    return seq.translate(COMPLEMENT)[::-1]
+
+
+class Genome:
+    """An indexed genome FASTA: sequences of regions, checked against its chromosomes."""
+
+    def __init__(self, path: str):
+        try:
+            import pyfaidx
+        except ImportError:
+            raise InputError("--genome needs pyfaidx: pip install 'utrexport[genome]'") from None
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: no such genome FASTA")
+        try:
+            self.fasta = pyfaidx.Fasta(path, as_raw=True, sequence_always_upper=True)
+        except (pyfaidx.FastaIndexingError, pyfaidx.UnsupportedCompressionFormat, ValueError, OSError) as e:
+            raise InputError(f"{path}: not an indexable FASTA ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                             "gzip genomes must be bgzip-compressed (bgzip, and pip install biopython)") from None
+        self.path = path
+        self.lengths = {name: len(self.fasta[name]) for name in self.fasta.keys()}
+
+    def problem(self, region: Region) -> str | None:
+        why = problem(region)
+        if why:
+            return why
+        if region.chrom not in self.lengths:
+            return f"chromosome {region.chrom!r} is not in {self.path}"
+        if region.end > self.lengths[region.chrom]:
+            return f"ends at {region.end:,}, past the end of {region.chrom} ({self.lengths[region.chrom]:,} bp)"
+        return None
+
+    def sequence(self, region: Region) -> str:
+        seq = "".join(self.fasta[region.chrom][s:e] for s, e in region.blocks)
+        return reverse_complement(seq) if region.strand == "-" else seq
+
+    def base(self, chrom: str, start: int, end: int) -> str:
+        return self.fasta[chrom][start:end]
+
+
+def read_regions(path: str, kind: str, feature: str | None = None) -> Iterator[Region]:
+    """Regions of a BED (kind "bed") or GTF/GFF3 file (kind "gtf")."""
+    return read_bed(path) if kind == "bed" else read_gtf(path, feature)
+
+
+def _rows(path: str) -> Iterator[tuple[int, list[str]]]:
+    with open_text(path) as handle:
+        for number, row in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
+            if row and row[0].strip() and not row[0].startswith(("#", "track", "browser")):
+                yield number, row
+
+
+def read_bed(path: str) -> Iterator[Region]:
+    """BED3 to BED12: name (column 4, else chrom:start-end), strand (column 6, else +), blocks (columns 10-12)."""
+    for number, row in _rows(path):
+        where = f"{path} line {number}"
+        if len(row) < 3:
+            raise InputError(f"{where}: a BED line has at least 3 tab-separated columns (chrom, start, end), found {len(row)}")
+        try:
+            start, end = int(row[1]), int(row[2])
+            blocks = [(start, end)]
+            if len(row) >= 12 and row[9].strip():
+                count = int(row[9])
+                sizes = [int(x) for x in row[10].strip().rstrip(",").split(",")]
+                starts = [int(x) for x in row[11].strip().rstrip(",").split(",")]
+                if count != len(sizes) or count != len(starts):
+                    raise InputError(f"{where}: blockCount {count} does not match {len(sizes)} sizes and {len(starts)} starts")
+                blocks = [(start + s, start + s + size) for s, size in zip(starts, sizes)]
+                if blocks and (blocks[0][0] != start or blocks[-1][1] != end):
+                    raise InputError(f"{where}: the blocks must start at chromStart and end at chromEnd")
+        except ValueError:
+            raise InputError(f"{where}: coordinates are not integers") from None
+        strand = row[5].strip() if len(row) >= 6 else "+"
+        if strand not in ("+", "-", "."):
+            raise InputError(f"{where}: strand must be +, - or ., got {strand!r}")
+        name = row[3].strip() if len(row) >= 4 and row[3].strip() else f"{row[0]}:{start}-{end}"
+        yield Region(name, row[0].strip(), "-" if strand == "-" else "+", tuple(blocks), where)
+
+
+GTF_ID = re.compile(r'transcript_id\s+"?([^";]+)"?')
+GFF_PARENT = re.compile(r"(?:^|;)\s*Parent=([^;]+)")
+
+
+def read_gtf(path: str, feature: str | None = None) -> Iterator[Region]:
+    """GTF or GFF3: the features of type `feature` (default three_prime_utr, in any letter case) grouped by transcript
+    (GTF `transcript_id`, GFF3 `Parent`), in the order transcripts first appear."""
+    wanted = {f.lower() for f in ((feature,) if feature else FEATURES)}
+    groups: dict[str, list] = {}
+    types: set[str] = set()
+    for number, row in _rows(path):
+        where = f"{path} line {number}"
+        if len(row) < 9:
+            raise InputError(f"{where}: a GTF/GFF3 line has 9 tab-separated columns, found {len(row)}")
+        types.add(row[2])
+        if row[2].lower() not in wanted:
+            continue
+        found = GTF_ID.search(row[8]) or GFF_PARENT.search(row[8])
+        if not found:
+            raise InputError(f"{where}: no transcript_id (GTF) or Parent (GFF3) attribute")
+        try:
+            start, end = int(row[3]) - 1, int(row[4])  # 1-based inclusive -> 0-based half-open
+        except ValueError:
+            raise InputError(f"{where}: coordinates are not integers") from None
+        for transcript in found.group(1).split(","):
+            transcript = transcript.strip().removeprefix("transcript:")
+            group = groups.setdefault(transcript, [row[0], row[6], [], where])
+            if (group[0], group[1]) != (row[0], row[6]):
+                raise InputError(f"{where}: transcript {transcript!r} has features on {group[0]} {group[1]} and {row[0]} {row[6]}")
+            group[2].append((start, end))
+    if not groups:
+        raise InputError(f"{path}: no {' or '.join(sorted(wanted))} features (it has {', '.join(sorted(types)) or 'none'}): choose one with --feature")
+    for transcript, (chrom, strand, blocks, where) in groups.items():
+        yield Region(transcript, chrom, "-" if strand == "-" else "+", tuple(sorted(blocks)), f"{where} (transcript {transcript})")
+
+
+@dataclass(frozen=True)
+class VcfVariant:
+    id: str
+    chrom: str
+    start: int  # 0-based position of the reference allele's first base
+    ref: str  # as in the VCF (genome strand)
+    alt: str
+    where: str
+
+
+def read_vcf(path: str) -> Iterator[VcfVariant]:
+    """The variants of a VCF (plain, gzip or bgzip): CHROM, POS, ID, REF and each ALT of a line (the other columns
+    are not read). An ID of '.' becomes chrom:pos:ref:alt."""
+    for number, row in _rows(path):
+        where = f"{path} line {number}"
+        if len(row) < 5:
+            raise InputError(f"{where}: a VCF line has at least 5 tab-separated columns (CHROM POS ID REF ALT), found {len(row)}")
+        chrom, pos, name, ref = row[0].strip(), row[1].strip(), row[2].strip(), row[3].strip().upper()
+        if not pos.isdigit() or int(pos) < 1:
+            raise InputError(f"{where}: POS must be a positive integer, got {pos!r}")
+        for alt in row[4].strip().upper().split(","):
+            label = name if name and name != "." else f"{chrom}:{pos}:{ref}:{alt}"
+            if len(row[4].split(",")) > 1 and name and name != ".":
+                label = f"{name}:{alt}"
+            yield VcfVariant(label, chrom, int(pos) - 1, ref, alt, where)
+
+
+class RegionIndex:
+    """The regions holding a genome position, by chromosome (sorted block starts, searched with bisect)."""
+
+    def __init__(self, regions: list[Region]):
+        import bisect
+
+        self._bisect = bisect.bisect_right
+        self.blocks: dict[str, list[tuple[int, int, int]]] = {}
+        for i, region in enumerate(regions):
+            for s, e in region.blocks:
+                self.blocks.setdefault(region.chrom, []).append((s, e, i))
+        for blocks in self.blocks.values():
+            blocks.sort()
+        self.starts = {chrom: [b[0] for b in blocks] for chrom, blocks in self.blocks.items()}
+        self.longest = {chrom: max(e - s for s, e, _ in blocks) for chrom, blocks in self.blocks.items()}
+        self.regions = regions
+
+    def holding(self, chrom: str, position: int) -> list[Region]:
+        """Regions with a block that holds `position`, in annotation order."""
+        if chrom not in self.blocks:
+            return []
+        blocks, starts = self.blocks[chrom], self.starts[chrom]
+        last = self._bisect(starts, position)
+        first = self._bisect(starts, position - self.longest[chrom])
+        return [self.regions[i] for i in sorted({i for s, e, i in blocks[first:last] if s <= position < e})]

@@ -1,0 +1,160 @@
+"""`utrexport variants`: variant effects (utr_runtime.variants) for variants from a table, from a VCF over genome
+regions, or every substitution of each sequence (--saturate), as one tidy table.
+
+Every variant is checked before any model work (its reference allele against the sequence, the region it falls in)
+so a bad one fails in seconds, naming it, or is left out with --skip-invalid.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from utr_runtime.errors import InputError
+from utr_runtime.variants import Edit, check_edit, normalize, reverse_complement, saturation
+
+CHUNK = 2048  # edits scored at a time: bounds memory on long saturations (the reference is rerun per chunk: a few windows)
+VARIANT_COLUMNS = ("id", "sequence", "position", "ref", "alt")
+
+
+@dataclass
+class Job:
+    """One reference sequence and its edits; `rows` are the columns that name each edit in the table."""
+
+    sequence_id: str
+    sequence: str
+    edits: list[Edit] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+
+
+def saturate_jobs(records: Iterator[tuple[str, str]]) -> Iterator[Job]:
+    for name, seq in records:
+        edits = saturation(seq)
+        yield Job(name, seq, edits, [{"id": name, "position": e.position + 1, "ref": e.ref, "alt": e.alt} for e in edits])
+
+
+def table_jobs(path: str, judged: Callable[[str, str], None]) -> list[Job]:
+    """A TSV/CSV of id, sequence, position (1-based), ref, alt: edits grouped by sequence (each reference runs once)."""
+    from utr_runtime.sequences import open_text
+
+    jobs: dict[str, Job] = {}
+    with open_text(path) as handle:
+        first = handle.readline()
+        delimiter = "\t" if "\t" in first else ","
+        header = [h.strip().lower() for h in next(csv.reader([first], delimiter=delimiter))]
+        missing = [c for c in VARIANT_COLUMNS if c not in header]
+        if missing:
+            raise InputError(f"{path}: a variant table has the columns {', '.join(VARIANT_COLUMNS)}; missing {', '.join(missing)}")
+        at = {c: header.index(c) for c in VARIANT_COLUMNS}
+        for number, row in enumerate(csv.reader(handle, delimiter=delimiter), start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) < len(header):
+                raise InputError(f"{path}: line {number}: {len(row)} columns, the header has {len(header)}")
+            name, seq, position = row[at["id"]].strip(), row[at["sequence"]].strip(), row[at["position"]].strip()
+            if not position.isdigit() or int(position) < 1:
+                judged(name, f"position must be a positive integer (1-based), got {position!r}")
+                continue
+            edit = Edit(int(position) - 1, normalize(row[at["ref"]]), normalize(row[at["alt"]]))
+            problem = check_edit(seq, edit)
+            if problem:
+                judged(name, problem)
+                continue
+            job = jobs.setdefault(seq, Job(f"line {number}", seq))
+            job.edits.append(edit)
+            job.rows.append({"id": name, "position": edit.position + 1, "ref": edit.ref, "alt": edit.alt})
+    return list(jobs.values())
+
+
+def vcf_jobs(vcf: str, genome, regions: list, judged: Callable[[str, str], None], log: Callable[[str], None]) -> list[Job]:
+    """Each VCF variant in each region that holds it (both strands; on the minus strand the alleles are
+    complemented and the position counts from the region's 5' end)."""
+    from .genome import RegionIndex, read_vcf
+
+    index, jobs, outside, checked = RegionIndex(regions), {}, 0, {}
+    for v in read_vcf(vcf):
+        holding = index.holding(v.chrom, v.start)
+        if not holding:
+            outside += 1
+            continue
+        for region in holding:
+            if region.id not in checked:
+                checked[region.id] = genome.problem(region)
+            if checked[region.id]:
+                judged(v.id, f"region {region.id} ({region.where}): {checked[region.id]}")
+                continue
+            if any(c == "<" or c == "*" for c in v.alt) or not v.ref:
+                judged(v.id, f"symbolic or missing allele {v.ref or '-'}>{v.alt}: only sequence alleles are scored")
+                continue
+            last = v.start + len(v.ref) - 1
+            first_at, last_at = region.offset(v.start), region.offset(last)
+            if last_at is None or abs(last_at - first_at) != len(v.ref) - 1:
+                judged(v.id, f"its reference allele runs past a block of region {region.id}")
+                continue
+            on_genome = genome.base(v.chrom, v.start, v.start + len(v.ref)).upper()
+            if on_genome != v.ref:
+                judged(v.id, f"reference allele {v.ref} does not match the genome, which holds {on_genome} at {v.chrom}:{v.start + 1}")
+                continue
+            minus = region.strand == "-"
+            ref, alt = (reverse_complement(v.ref), reverse_complement(v.alt)) if minus else (v.ref, v.alt)
+            edit = Edit(min(first_at, last_at), normalize(ref), normalize(alt))
+            job = jobs.get(region.id) or jobs.setdefault(region.id, Job(region.id, genome.sequence(region)))
+            problem = check_edit(job.sequence, edit)
+            if problem:
+                judged(v.id, problem)
+                continue
+            job.edits.append(edit)
+            job.rows.append({"id": v.id, "region": region.id, "chrom": v.chrom, "pos": v.start + 1, "strand": region.strand,
+                             "position": edit.position + 1, "ref": edit.ref, "alt": edit.alt})
+    if outside:
+        log(f"{outside} variant(s) lie in no region of the annotation: left out")
+    return [job for job in jobs.values() if job.edits]
+
+
+def score_columns(model, job: Job, overlap: int, max_batch_tokens: int, progress: Callable[[int], None], spare: bool = True) -> Iterator[dict]:
+    """The table's columns for a job's edits, CHUNK edits at a time."""
+    from utr_runtime.variants import effects
+
+    labels = model.task["labels"] if model.task is not None and model.task["level"] == "sequence" else []
+    for at in range(0, len(job.edits), CHUNK):
+        edits, rows = job.edits[at : at + CHUNK], job.rows[at : at + CHUNK]
+        scores = effects(model, job.sequence, edits, overlap=overlap, max_batch_tokens=max_batch_tokens, spare=spare, progress=progress)
+        columns = {name: [row[name] for row in rows] for name in rows[0]}
+        columns["cosine_distance"] = scores["cosine_distance"].astype(np.float64).tolist()
+        for name in ("p_ref", "p_alt", "diff", "logOR"):
+            if name not in scores:
+                continue
+            values = np.broadcast_to(scores[name], (len(edits), len(labels)))
+            for i, label in enumerate(labels):
+                columns[name if len(labels) == 1 else f"{name}_{label}"] = values[:, i].astype(np.float64).tolist()
+        yield columns
+
+
+def plot(jobs: list[Job], tables: list[dict], path: str, what: str) -> None:
+    """A heatmap per sequence of saturation scores: alternative base x position (reference cells blank)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, axes = plt.subplots(len(jobs), 1, figsize=(min(24, 4 + len(max(jobs, key=lambda j: len(j.sequence)).sequence) / 15), 1.6 * len(jobs) + 0.6),
+                             squeeze=False)
+    for ax, job, table in zip(axes[:, 0], jobs, tables):
+        grid = np.full((4, len(job.sequence)), np.nan)
+        for position, alt, value in zip(table["position"], table["alt"], table[what]):
+            grid["ACGU".index(alt), position - 1] = value
+        limit = np.nanmax(np.abs(grid)) or 1.0
+        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="RdBu_r" if what != "cosine_distance" else "viridis",
+                          vmin=-limit if what != "cosine_distance" else 0, vmax=limit, extent=(0.5, len(job.sequence) + 0.5, 3.5, -0.5))
+        ax.set_yticks(range(4), list("ACGU"))
+        ax.set_title(job.sequence_id, fontsize=9, loc="left")
+        fig.colorbar(image, ax=ax, label=what, pad=0.01)
+    axes[-1, 0].set_xlabel("position (nt, 1-based)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

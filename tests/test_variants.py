@@ -1,0 +1,244 @@
+"""Genomic inputs (utrexport.genome: --genome with --bed/--gtf) and variant effects (utr_runtime.variants,
+`utrexport variants`), against shipped 3'UTRs placed on a genome built here and against multimolecule."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import utr_runtime
+from conftest import TRAINED, multimolecule, real_sequences
+from utr_runtime.variants import Edit, apply, effects, saturation
+from utrexport.cli import main
+
+PROBABILITY_ATOL = 1e-4  # variant probabilities vs multimolecule's on the mutated sequences (the fp32 parity gate)
+COMPLEMENT = str.maketrans("ACGT", "TGCA")
+
+
+def revcomp(dna: str) -> str:
+    return dna.translate(COMPLEMENT)[::-1]
+
+
+def run(*args) -> object:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def table(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+@pytest.fixture(scope="module")
+def genome(tmp_path_factory):
+    """Shipped 3'UTRs placed on two chromosomes between random filler, alternately on the plus and minus strand, each
+    split into 1-3 blocks by filler introns; a BED12 and a GTF (exons listed 3' to 5' on the minus strand) describe
+    them. `where[name][t]` is the genome position of the transcript's base t, worked out as it is placed."""
+    rng = np.random.default_rng(7)
+    pool = sorted(real_sequences(), key=lambda r: len(r[1]))
+    utrs = [pool[i] for i in (3, 40, 90, 150, len(pool) // 2, len(pool) - 30)]
+    filler = lambda n: "".join(rng.choice(list("ACGT"), n))  # noqa: E731
+    chroms, bed, gtf, where, originals = {"chr1": filler(50), "chr2": filler(80)}, [], [], {}, {}
+    for i, (name, seq) in enumerate(utrs):
+        dna, chrom, strand = seq.upper().replace("U", "T"), ("chr1", "chr2")[i % 2], "+-"[(i // 2) % 2]
+        genomic = dna if strand == "+" else revcomp(dna)
+        cuts = sorted(rng.choice(np.arange(20, len(dna) - 20), size=i % 3, replace=False).tolist())
+        blocks, positions = [], []
+        for a, b in zip([0] + cuts, cuts + [len(dna)]):
+            start = len(chroms[chrom])
+            chroms[chrom] += genomic[a:b]
+            blocks.append((start, start + b - a))
+            positions += range(start, start + b - a)
+            chroms[chrom] += filler(int(rng.integers(20, 60)))
+        where[name], originals[name] = positions if strand == "+" else positions[::-1], dna
+        s0, e0 = blocks[0][0], blocks[-1][1]
+        bed.append([chrom, s0, e0, name, 0, strand, s0, e0, 0, len(blocks), ",".join(str(e - s) for s, e in blocks) + ",",
+                    ",".join(str(s - s0) for s, _ in blocks) + ","])
+        for s, e in blocks if strand == "+" else blocks[::-1]:
+            gtf.append([chrom, "test", "three_prime_utr", s + 1, e, ".", strand, ".", f'gene_id "g{i}"; transcript_id "{name}";'])
+    folder = tmp_path_factory.mktemp("genome")
+    with open(folder / "genome.fa", "w") as f:
+        for chrom, bases in chroms.items():
+            f.write(f">{chrom}\n" + "".join(bases[j : j + 60] + "\n" for j in range(0, len(bases), 60)))
+    for path, rows in ((folder / "utrs.bed", bed), (folder / "utrs.gtf", gtf)):
+        path.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+    (folder / "utrs.fa").write_text("".join(f">{n}\n{s}\n" for n, s in originals.items()))
+    return {"folder": folder, "genome": folder / "genome.fa", "bed": folder / "utrs.bed", "gtf": folder / "utrs.gtf",
+            "fasta": folder / "utrs.fa", "chroms": chroms, "where": where, "originals": originals, "bed_rows": bed}
+
+
+@pytest.mark.parametrize("kind", ["bed", "gtf"])
+def test_regions_read_back_the_original_sequences(genome, kind):
+    from utrexport.genome import Genome, read_regions
+
+    regions = list(read_regions(str(genome[kind]), kind))
+    assert [r.id for r in regions] == list(genome["originals"])
+    assert {r.strand for r in regions} == {"+", "-"} and max(len(r.blocks) for r in regions) == 3
+    opened = Genome(str(genome["genome"]))
+    assert {r.id: opened.sequence(r) for r in regions} == genome["originals"]
+
+
+def test_embeddings_of_regions_equal_embeddings_of_the_sequences(genome, tiny_bundle, tmp_path):
+    bundle = tiny_bundle(3, "pretraining")
+    assert run("embed", bundle, genome["fasta"], "-o", tmp_path / "plain.npz").exit_code == 0
+    result = run("embed", bundle, "--genome", genome["genome"], "--bed", genome["bed"], "-o", tmp_path / "regions.npz")
+    assert result.exit_code == 0, result.output
+    plain, regions = np.load(tmp_path / "plain.npz"), np.load(tmp_path / "regions.npz")
+    assert plain["ids"].tolist() == regions["ids"].tolist()
+    np.testing.assert_array_equal(regions["vectors"], plain["vectors"])
+    bed = genome["bed_rows"]
+    assert regions["chrom"].tolist() == [r[0] for r in bed] and regions["start"].tolist() == [r[1] for r in bed]
+    assert regions["end"].tolist() == [r[2] for r in bed] and regions["strand"].tolist() == [r[5] for r in bed]
+    assert not list(tmp_path.glob(".*")), "the regions' temporary file is removed"
+
+
+def test_predictions_of_gtf_regions_keep_their_coordinates(genome, trained_bundle, tmp_path):
+    result = run("predict", trained_bundle, "--genome", genome["genome"], "--gtf", genome["gtf"], "-o", tmp_path / "p.tsv")
+    assert result.exit_code == 0, result.output
+    rows = table(tmp_path / "p.tsv")
+    assert list(rows[0])[:6] == ["id", "chrom", "start", "end", "strand", "label"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = utr_runtime.load(trained_bundle).predict(list(genome["originals"].values()))
+    np.testing.assert_allclose([float(r["positive"]) for r in rows], expected[:, 0], atol=1e-5)
+    assert [(r["chrom"], int(r["start"]), r["strand"]) for r in rows] == [(b[0], b[1], b[5]) for b in genome["bed_rows"]]
+
+
+@pytest.mark.parametrize("line, error", [
+    ("chrX\t10\t50\tmissing\t0\t+", "region 'missing': chromosome 'chrX' is not in"),
+    ("chr1\t10\t999999\tpast\t0\t+", "region 'past': ends at 999,999, past the end of chr1"),
+    ("chr1\t10\t60\toverlap\t0\t+\t10\t60\t0\t2\t30,30,\t0,20,", "region 'overlap': blocks overlap or are out of order"),
+    ("chr1\t10\t10\tempty\t0\t+", "region 'empty': empty region"),
+    ("chr1\tten\t60\tbad\t0\t+", "line 2: coordinates are not integers"),
+])
+def test_bad_regions_are_one_line_errors_or_skipped(genome, tiny_bundle, tmp_path, line, error):
+    bed = tmp_path / "bad.bed"
+    bed.write_text("\t".join(map(str, genome["bed_rows"][0][:6])) + "\n" + line + "\n")
+    args = ["embed", tiny_bundle(3, "pretraining"), "--genome", genome["genome"], "--bed", bed, "-o", tmp_path / "e.npz"]
+    result = run(*args)
+    assert result.exit_code == 1 and error in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "e.npz").exists()
+    if "integers" not in error:
+        result = run(*args, "--skip-invalid")
+        assert result.exit_code == 0 and len(np.load(tmp_path / "e.npz")["ids"]) == 1, result.output
+        assert error.split(": ", 1)[1].split(" ")[0] in (tmp_path / "e.npz.skipped.tsv").read_text()
+
+
+def test_vcf_variants_on_both_strands_equal_the_same_edits_of_the_sequences(genome, trained_bundle, tmp_path):
+    """Substitutions and an insertion on plus- and minus-strand regions, placed by genome coordinate, score as the
+    transcript edits the test works out itself: minus-strand alleles complemented, positions from the 5' end."""
+    rng = np.random.default_rng(3)
+    vcf, edits = ["##fileformat=VCFv4.2", "#CHROM\tPOS\tID\tREF\tALT"], []
+    chrom_of = {r[3]: r[0] for r in genome["bed_rows"]}
+    strand_of = {r[3]: r[5] for r in genome["bed_rows"]}
+    for name, seq in list(genome["originals"].items())[:4]:
+        for t in rng.choice(np.arange(5, len(seq) - 5), 2, replace=False).tolist():
+            g = genome["where"][name][t]
+            base = genome["chroms"][chrom_of[name]][g]
+            alt = next(c for c in "ACGT" if c != base)
+            vcf.append(f"{chrom_of[name]}\t{g + 1}\t{name}_{t}\t{base}\t{alt}")
+            edits.append((f"{name}_{t}", seq, t, seq[t], alt if strand_of[name] == "+" else alt.translate(COMPLEMENT)))
+    vcf.append(f"chr1\t3\toutside\t{genome['chroms']['chr1'][2]}\tA")  # in the filler: in no region
+    (tmp_path / "v.vcf").write_text("\n".join(vcf) + "\n")
+    (tmp_path / "v.tsv").write_text("id\tsequence\tposition\tref\talt\n" + "".join(f"{i}\t{s}\t{t + 1}\t{r}\t{a}\n" for i, s, t, r, a in edits))
+    result = run("variants", trained_bundle, "--vcf", tmp_path / "v.vcf", "--genome", genome["genome"], "--bed", genome["bed"], "-o", tmp_path / "g.tsv")
+    assert result.exit_code == 0 and "1 variant(s) lie in no region" in result.output, result.output
+    assert run("variants", trained_bundle, tmp_path / "v.tsv", "-o", tmp_path / "t.tsv").exit_code == 0
+    from_genome = {r["id"]: r for r in table(tmp_path / "g.tsv")}
+    from_table = {r["id"]: r for r in table(tmp_path / "t.tsv")}
+    assert set(from_genome) == set(from_table) == {e[0] for e in edits}
+    assert {strand_of[i.rsplit("_", 1)[0]] for i in from_genome} == {"+", "-"}
+    for i, row in from_table.items():
+        assert [from_genome[i][c] for c in ("position", "ref", "alt")] == [row[c] for c in ("position", "ref", "alt")]
+        for column in ("cosine_distance", "p_ref", "p_alt", "diff", "logOR"):
+            assert float(from_genome[i][column]) == pytest.approx(float(row[column]), abs=1e-6), (i, column)
+    # a reference allele that is not the genome's
+    name = edits[0][0]
+    wrong = [line.replace(f"\t{name}\t", f"\t{name}\tN\t").split("\t") for line in vcf if f"\t{name}\t" in line][0]
+    (tmp_path / "w.vcf").write_text("\t".join(wrong[:4] + wrong[5:]) + "\n")
+    result = run("variants", trained_bundle, "--vcf", tmp_path / "w.vcf", "--genome", genome["genome"], "--bed", genome["bed"], "-o", tmp_path / "w.tsv")
+    assert result.exit_code == 1 and f"variant '{name}': reference allele N does not match the genome" in result.output, result.output
+    assert not (tmp_path / "w.tsv").exists()
+
+
+def _reference_probability(reference, tokenizer, sequences: list[str]) -> np.ndarray:
+    import torch
+
+    batch = tokenizer(sequences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = reference(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.sigmoid(logits.double()).numpy()[:, 0]
+
+
+def test_variant_scores_equal_the_papers_formulas_on_multimolecule(trained_bundle):
+    """p_ref, p_alt, diff and logOR of the shipped fine-tuned classifier equal the paper's formulas computed from
+    multimolecule's model on the mutated sequences (calculate_diff_scores.py), substitutions and indels alike."""
+    mm = multimolecule()
+    reference = mm.UtrBertForSequencePrediction.from_pretrained(TRAINED).eval()
+    tokenizer = mm.RnaTokenizer(nmers=3)
+    seq = real_sequences("utrbert_dev_100nt.tsv")[0][1]
+    edits = saturation(seq)[::11] + [Edit(30, seq[30], ""), Edit(60, seq[60], seq[60] + "GA")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = effects(utr_runtime.load(trained_bundle), seq, edits)
+    p_ref = _reference_probability(reference, tokenizer, [seq])[0]
+    p_alt = _reference_probability(reference, tokenizer, [apply(seq, e) for e in edits])
+    assert got["p_ref"][0] == pytest.approx(p_ref, abs=PROBABILITY_ATOL)
+    np.testing.assert_allclose(got["p_alt"][:, 0], p_alt, atol=PROBABILITY_ATOL)
+    np.testing.assert_allclose(got["diff"][:, 0], (p_alt - p_ref) * np.maximum(p_ref, p_alt), atol=PROBABILITY_ATOL)
+    np.testing.assert_allclose(got["logOR"][:, 0], np.log2(p_ref / (1 - p_ref)) - np.log2(p_alt / (1 - p_alt)), atol=1e-3)
+    assert np.abs(got["p_alt"][:, 0] - p_ref).max() > 1e-3, "the edits move the prediction: the comparison can fail"
+
+
+def test_saturation_of_a_window_equals_scoring_each_mutant_alone(trained_bundle, tmp_path):
+    seq = real_sequences("utrbert_dev_100nt.tsv")[1][1]
+    assert len(seq) == 100 and set(seq) <= set("ACGU")
+    (tmp_path / "w.fa").write_text(f">w\n{seq}\n")
+    result = run("variants", trained_bundle, tmp_path / "w.fa", "--saturate", "-o", tmp_path / "s.tsv", "--plot", tmp_path / "s.png")
+    assert result.exit_code == 0, result.output
+    rows = table(tmp_path / "s.tsv")
+    assert len(rows) == 300 and (tmp_path / "s.png").stat().st_size > 10_000
+    assert {(int(r["position"]), r["alt"]) for r in rows} == {(i + 1, a) for i in range(100) for a in "ACGU" if a != seq[i]}
+    mutants = [seq[: int(r["position"]) - 1] + r["alt"] + seq[int(r["position"]) :] for r in rows]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = utr_runtime.load(trained_bundle)
+    alone = model.predict(mutants)[:, 0]
+    np.testing.assert_allclose([float(r["p_alt"]) for r in rows], alone, atol=1e-5)
+    vectors = model.embed([seq] + mutants).astype(np.float64)
+    cosine = vectors[1:] @ vectors[0] / np.linalg.norm(vectors[1:], axis=1) / np.linalg.norm(vectors[0])
+    np.testing.assert_allclose([float(r["cosine_distance"]) for r in rows], 1 - cosine, atol=1e-6)
+
+
+def test_window_sparing_equals_running_every_window(trained_bundle):
+    """A long 3'UTR (several windows): rerunning only the windows that hold a substitution gives the scores of
+    rerunning them all."""
+    seq = next(s for _, s in sorted(real_sequences(), key=lambda r: len(r[1])) if len(s) > 1400)
+    edits = saturation(seq)[::97]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = utr_runtime.load(trained_bundle)
+    spared, naive = effects(model, seq, edits), effects(model, seq, edits, spare=False)
+    assert len(edits) > 40
+    for name in spared:
+        np.testing.assert_allclose(spared[name], naive[name], atol=1e-6, err_msg=name)
+
+
+def test_bad_variants_are_one_line_errors(trained_bundle, tmp_path):
+    seq = real_sequences("utrbert_dev_100nt.tsv")[0][1]
+    cases = {"position 101 is outside the sequence": (101, "A", "C"), "reference allele": (1, "N", "C"),
+             "position must be a positive integer": ("x", "A", "C"), "alleles must be nucleotides": (1, seq[0], "Z")}
+    for error, (position, ref, alt) in cases.items():
+        (tmp_path / "v.tsv").write_text(f"id\tsequence\tposition\tref\talt\nv\t{seq}\t{position}\t{ref}\t{alt}\n")
+        result = run("variants", trained_bundle, tmp_path / "v.tsv", "-o", tmp_path / "o.tsv")
+        assert result.exit_code == 1 and error in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    (tmp_path / "v.tsv").write_text("id\tsequence\tpos\n")
+    result = run("variants", trained_bundle, tmp_path / "v.tsv", "-o", tmp_path / "o.tsv")
+    assert result.exit_code == 1 and "missing position, ref, alt" in result.output
+    result = run("variants", trained_bundle, "--vcf", tmp_path / "v.tsv", "-o", tmp_path / "o.tsv")
+    assert result.exit_code == 1 and "give --genome and --bed or --gtf" in result.output
