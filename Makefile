@@ -62,7 +62,7 @@ clean:
 # Dependency drift. check-newest: the newest versions the extras allow; check-minimum: the lowest versions pyproject.toml
 # declares (tests/smoke/minimums.py); each in a fresh environment, installed from a wheel of this tree, then every
 # command once (tests/smoke/commands.sh). CI runs both after the tests. torch stays the pinned CPU build in both.
-SMOKE_EXTRAS := export,onnxruntime,openvino,parquet,serve
+SMOKE_EXTRAS := export,onnxruntime,openvino,parquet,serve,genome
 check-newest check-minimum: check-%:
 	rm -rf .cache/venv-$*
 	$(PYTHON) -m venv .cache/venv-$*

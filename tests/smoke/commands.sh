@@ -10,7 +10,7 @@ trap 'rm -rf "$work"' EXIT
 cd "$work"
 u() { echo "+ utrexport $*" >&2; "$bin/utrexport" "$@"; }
 
-for command in "" build verify engine embed predict fill-mask bench triton serve; do
+for command in "" build verify engine embed predict variants fill-mask bench triton serve; do
   u $command --help > /dev/null
 done
 input="$root/calibration/data/utrbert_seq_to_extract.fasta"
@@ -21,6 +21,12 @@ u embed mlm "$input" -o vectors.parquet --precision int8 --pooling cls
 u fill-mask mlm "GGUCAGCUGG<mask>CUGGUUAGACCAGAUC" --json > /dev/null
 u build --kmer 3 --checkpoint "$root/tests/data/utrbert-3mer-dev-classifier" --precision fp32 -o classifier
 u predict classifier "$input" -o predictions.tsv
+printf '>chr1\nGGGGGTTTGGCAGTACATCAATGGGCGTGGATAGCGGTTTGACTCACGGGGATTTCCAAGTCTCCACCCCATTGACGTCAATGGGAGTTTGTTTTGGC\n' > genome.fa
+printf 'chr1\t5\t60\tr1\t0\t+\t5\t60\t0\t2\t20,25,\t0,30,\nchr1\t10\t90\tr2\t0\t-\n' > regions.bed
+printf '#CHROM\tPOS\tID\tREF\tALT\nchr1\t12\tv1\tA\tC\nchr1\t70\tv2\tC\tG\n' > variants.vcf
+u embed mlm --genome genome.fa --bed regions.bed -o regions.parquet
+u variants classifier --vcf variants.vcf --genome genome.fa --bed regions.bed -o variants.tsv
+u variants classifier "$input" --saturate -o saturation.parquet
 u bench mlm --shapes 1x16 --repeats 1 --e2e-sequences 0 --no-torch --no-tokenizer --no-memory > /dev/null
 u triton mlm classifier -o repository > /dev/null
 test -f repository/classifier_predict/config.pbtxt
