@@ -85,6 +85,9 @@ class Genome:
             raise InputError(f"{path}: no such genome FASTA")
         try:
             self.fasta = pyfaidx.Fasta(path, as_raw=True, sequence_always_upper=True)
+        except PermissionError:
+            raise InputError(f"{path}: its index ({path}.fai) cannot be written beside it: index it once where it is writable "
+                             "(samtools faidx), or copy it to a writable folder") from None
         except (pyfaidx.FastaIndexingError, pyfaidx.UnsupportedCompressionFormat, ValueError, OSError) as e:
             raise InputError(f"{path}: not an indexable FASTA ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                              "gzip genomes must be bgzip-compressed (bgzip, and pip install biopython)") from None

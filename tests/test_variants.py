@@ -36,40 +36,22 @@ def table(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def genome(tmp_path_factory):
-    """Shipped 3'UTRs placed on two chromosomes between random filler, alternately on the plus and minus strand, each
-    split into 1-3 blocks by filler introns; a BED12 and a GTF (exons listed 3' to 5' on the minus strand) describe
-    them. `where[name][t]` is the genome position of the transcript's base t, worked out as it is placed."""
-    rng = np.random.default_rng(7)
-    pool = sorted(real_sequences(), key=lambda r: len(r[1]))
-    utrs = [pool[i] for i in (3, 40, 90, 150, len(pool) // 2, len(pool) - 30)]
-    filler = lambda n: "".join(rng.choice(list("ACGT"), n))  # noqa: E731
-    chroms, bed, gtf, where, originals = {"chr1": filler(50), "chr2": filler(80)}, [], [], {}, {}
-    for i, (name, seq) in enumerate(utrs):
-        dna, chrom, strand = seq.upper().replace("U", "T"), ("chr1", "chr2")[i % 2], "+-"[(i // 2) % 2]
-        genomic = dna if strand == "+" else revcomp(dna)
-        cuts = sorted(rng.choice(np.arange(20, len(dna) - 20), size=i % 3, replace=False).tolist())
-        blocks, positions = [], []
-        for a, b in zip([0] + cuts, cuts + [len(dna)]):
-            start = len(chroms[chrom])
-            chroms[chrom] += genomic[a:b]
-            blocks.append((start, start + b - a))
-            positions += range(start, start + b - a)
-            chroms[chrom] += filler(int(rng.integers(20, 60)))
-        where[name], originals[name] = positions if strand == "+" else positions[::-1], dna
-        s0, e0 = blocks[0][0], blocks[-1][1]
-        bed.append([chrom, s0, e0, name, 0, strand, s0, e0, 0, len(blocks), ",".join(str(e - s) for s, e in blocks) + ",",
-                    ",".join(str(s - s0) for s, _ in blocks) + ","])
-        for s, e in blocks if strand == "+" else blocks[::-1]:
-            gtf.append([chrom, "test", "three_prime_utr", s + 1, e, ".", strand, ".", f'gene_id "g{i}"; transcript_id "{name}";'])
+    """The toy genome (utr_calibration.toy_genome): shipped 3'UTRs on both strands in 1-3 blocks between filler, a
+    BED12 and a GTF; `where[id][t]` is the genome position of a 3'UTR's base t, known from the placement."""
+    from utr_calibration.toy_genome import write_toy_genome
+
     folder = tmp_path_factory.mktemp("genome")
-    with open(folder / "genome.fa", "w") as f:
-        for chrom, bases in chroms.items():
-            f.write(f">{chrom}\n" + "".join(bases[j : j + 60] + "\n" for j in range(0, len(bases), 60)))
-    for path, rows in ((folder / "utrs.bed", bed), (folder / "utrs.gtf", gtf)):
-        path.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
-    (folder / "utrs.fa").write_text("".join(f">{n}\n{s}\n" for n, s in originals.items()))
-    return {"folder": folder, "genome": folder / "genome.fa", "bed": folder / "utrs.bed", "gtf": folder / "utrs.gtf",
-            "fasta": folder / "utrs.fa", "chroms": chroms, "where": where, "originals": originals, "bed_rows": bed}
+    layout = write_toy_genome(folder)
+    (folder / "utrs.fa").write_text("".join(f">{n}\n{s}\n" for n, s in layout["originals"].items()))
+    return {**layout, "genome": folder / "toy_genome.fa", "bed": folder / "toy_genome.bed", "gtf": folder / "toy_genome.gtf",
+            "fasta": folder / "utrs.fa", "bed_rows": layout["bed"]}
+
+
+def test_the_shipped_toy_genome_is_the_generators(genome):
+    from utr_calibration import DATA
+
+    for suffix in ("fa", "bed", "gtf", "vcf"):
+        assert (DATA / f"toy_genome.{suffix}").read_text() == (genome["genome"].parent / f"toy_genome.{suffix}").read_text(), suffix
 
 
 @pytest.mark.parametrize("kind", ["bed", "gtf"])
