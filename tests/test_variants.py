@@ -224,3 +224,34 @@ def test_bad_variants_are_one_line_errors(trained_bundle, tmp_path):
     assert result.exit_code == 1 and "missing position, ref, alt" in result.output
     result = run("variants", trained_bundle, "--vcf", tmp_path / "v.tsv", "-o", tmp_path / "o.tsv")
     assert result.exit_code == 1 and "give --genome and --bed or --gtf" in result.output
+
+
+def test_inputs_are_a_file_or_a_genome_with_one_annotation(genome, tiny_bundle, tmp_path):
+    bundle, out = tiny_bundle(3, "pretraining"), tmp_path / "e.npz"
+    cases = {("--genome", genome["genome"]): "give --bed or --gtf", ("--bed", genome["bed"]): "give --genome FASTA",
+             (genome["fasta"], "--genome", genome["genome"], "--bed", genome["bed"]): "give INPUT or --genome with --bed/--gtf, not both",
+             (): "give INPUT (FASTA, TSV/CSV, or - for stdin), or --genome with --bed or --gtf",
+             ("--genome", genome["bed"], "--bed", genome["bed"]): "not an indexable FASTA"}
+    for args, error in cases.items():
+        result = run("embed", bundle, *args, "-o", out)
+        assert result.exit_code != 0 and error in result.output and len(result.output.strip().splitlines()) == 1, (args, result.output)
+    result = run("embed", bundle, "--genome", genome["genome"], "--bed", genome["bed"], "-o", tmp_path / "e.npy")
+    assert result.exit_code == 1 and "keep their coordinates beside each id: write .npz or .parquet" in result.output
+
+
+def test_gff3_parents_and_a_chosen_feature_type(genome, tmp_path):
+    """GFF3 (Parent=transcript:ID, as Ensembl writes it) reads as the GTF does; --feature picks another type, and a file
+    without the type is one line naming the types it has."""
+    from utr_runtime.errors import InputError
+    from utrexport.genome import read_regions
+
+    lines = [line.split("\t") for line in genome["gtf"].read_text().splitlines()]
+    parent = lambda attributes: attributes.split("transcript_id")[1].strip(' ";')  # noqa: E731
+    gff = "##gff-version 3\n" + "".join("\t".join(r[:2] + ["three_prime_UTR"] + r[3:8] + [f"Parent=transcript:{parent(r[8])}"]) + "\n" for r in lines)
+    (tmp_path / "a.gff3").write_text(gff)
+    got = {r.id: (r.chrom, r.strand, r.blocks) for r in read_regions(str(tmp_path / "a.gff3"), "gtf")}
+    assert got == {r.id: (r.chrom, r.strand, r.blocks) for r in read_regions(str(genome["gtf"]), "gtf")}
+    (tmp_path / "b.gtf").write_text(genome["gtf"].read_text().replace("three_prime_utr", "UTR"))
+    assert [r.id for r in read_regions(str(tmp_path / "b.gtf"), "gtf", "UTR")] == list(genome["originals"])
+    with pytest.raises(InputError, match=r"no 3utr or three_prime_utr features \(it has UTR\): choose one with --feature"):
+        list(read_regions(str(tmp_path / "b.gtf"), "gtf"))
