@@ -58,6 +58,18 @@ def test_ray_predict_nucleotide_level_equals_one_process(task_bundle, tmp_path):
     np.testing.assert_allclose(ray["values"], local["values"], rtol=0, atol=ATOL)
 
 
+def test_ray_reads_the_regions_of_a_genome(tiny_bundle, tmp_path):
+    """--genome with --bed on the cluster: the regions' sequences and coordinates as in one process."""
+    from utr_calibration import DATA
+
+    regions = ["--genome", DATA / "toy_genome.fa", "--bed", DATA / "toy_genome.bed"]
+    run("embed", tiny_bundle(3, "pretraining"), *regions, "-o", tmp_path / "local.npz")
+    run("embed", tiny_bundle(3, "pretraining"), *regions, "-o", tmp_path / "ray.npz", "--ray", "--threads", 1, "--chunk", 2)
+    local, ray = np.load(tmp_path / "local.npz"), np.load(tmp_path / "ray.npz")
+    for key in ("ids", "chrom", "start", "end", "strand"):
+        assert ray[key].tolist() == local[key].tolist(), key
+    np.testing.assert_allclose(ray["vectors"], local["vectors"], rtol=0, atol=ATOL)
+
 def test_a_killed_worker_costs_a_retry_not_the_run(tiny_bundle, tmp_path):
     bundle = tiny_bundle(3, "pretraining")
     fasta = write_fasta(tmp_path / "utrs.fa", real_utrs(copies=4))
