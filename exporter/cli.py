@@ -713,11 +713,11 @@ def variants(bundle, input, output, vcf, saturate, plot, precision, device, engi
     tables = []
     with ColumnsWriter(output, replace=force) as writer, tqdm(total=sum(len(j.edits) for j in jobs), unit="variant", file=sys.stderr,
                                                                disable=not sys.stderr.isatty(), dynamic_ncols=True) as bar:
-        for job in jobs:  # the engine runs in a background thread, so that SIGTERM and Ctrl-C end the run at once
-            for columns in _in_background(list, scoring.score_columns(model, job, overlap, batch_tokens, bar.update)):
-                writer.write(columns)
-                if plot:
-                    tables.append(columns)
+        for group in scoring.groups(jobs):  # the engine runs in a background thread: SIGTERM and Ctrl-C end the run at once
+            columns = _in_background(scoring.score_group, model, group, overlap, batch_tokens, bar.update)
+            writer.write(columns)
+            if plot:
+                tables.append(columns)
     if plot:
         what = next((c for c in tables[0] if c.startswith("diff")), "cosine_distance")
         scoring.plot(jobs, _merge_tables(jobs, tables), plot, what)
@@ -737,15 +737,12 @@ def _judge_jobs(model, jobs: list, judged) -> list:
 
 
 def _merge_tables(jobs: list, tables: list[dict]) -> list[dict]:
-    """One table per job from the chunks `score_columns` yielded (in job order)."""
-    merged, chunks = [], iter(tables)
-    for job in jobs:
-        table: dict = {}
-        while len(table.get("position", ())) < len(job.edits):
-            for name, values in next(chunks).items():
-                table.setdefault(name, []).extend(values)
-        merged.append(table)
-    return merged
+    """One table per job, from the groups' tables (rows in job order)."""
+    import itertools
+
+    whole = {name: [value for t in tables for value in t[name]] for name in tables[0]}
+    starts = [0, *itertools.accumulate(len(job.edits) for job in jobs)]
+    return [{name: values[a:b] for name, values in whole.items()} for a, b in zip(starts, starts[1:])]
 
 LONG_RUN = 600.0  # seconds: a run expected to take longer hears of the bundle's int8, if it passed its parity check
 

@@ -16,7 +16,7 @@ import numpy as np
 from utr_runtime.errors import InputError
 from utr_runtime.variants import Edit, check_edit, normalize, reverse_complement, saturation
 
-CHUNK = 2048  # edits scored at a time: bounds memory on long saturations (the reference is rerun per chunk: a few windows)
+CHUNK = 2048  # edits scored together: fills batches, bounds memory (a long saturation reruns its reference per chunk)
 VARIANT_COLUMNS = ("id", "sequence", "position", "ref", "alt")
 
 
@@ -114,23 +114,40 @@ def vcf_jobs(vcf: str, genome, regions: list, judged: Callable[[str, str], None]
     return [job for job in jobs.values() if job.edits]
 
 
-def score_columns(model, job: Job, overlap: int, max_batch_tokens: int, progress: Callable[[int], None], spare: bool = True) -> Iterator[dict]:
-    """The table's columns for a job's edits, CHUNK edits at a time."""
-    from utr_runtime.variants import effects
+def groups(jobs: list[Job]) -> Iterator[list[tuple[Job, slice]]]:
+    """The jobs' edits in groups of about CHUNK, scored together: a long saturation in pieces, many sequences with a
+    few variants each (a VCF) in one run of batches. Each piece is a job and the slice of its edits."""
+    group, size = [], 0
+    for job in jobs:
+        for at in range(0, len(job.edits), CHUNK):
+            piece = slice(at, min(at + CHUNK, len(job.edits)))
+            group.append((job, piece))
+            size += piece.stop - piece.start
+            if size >= CHUNK:
+                yield group
+                group, size = [], 0
+    if group:
+        yield group
+
+
+def score_group(model, group: list[tuple[Job, slice]], overlap: int, max_batch_tokens: int, progress: Callable[[int], None],
+                spare: bool = True) -> dict:
+    """The table's columns for a group of edits: the naming columns, cosine_distance and the task scores."""
+    from utr_runtime.variants import effects_of
 
     labels = model.task["labels"] if model.task is not None and model.task["level"] == "sequence" else []
-    for at in range(0, len(job.edits), CHUNK):
-        edits, rows = job.edits[at : at + CHUNK], job.rows[at : at + CHUNK]
-        scores = effects(model, job.sequence, edits, overlap=overlap, max_batch_tokens=max_batch_tokens, spare=spare, progress=progress)
-        columns = {name: [row[name] for row in rows] for name in rows[0]}
-        columns["cosine_distance"] = scores["cosine_distance"].astype(np.float64).tolist()
-        for name in ("p_ref", "p_alt", "diff", "logOR"):
-            if name not in scores:
-                continue
-            values = np.broadcast_to(scores[name], (len(edits), len(labels)))
-            for i, label in enumerate(labels):
-                columns[name if len(labels) == 1 else f"{name}_{label}"] = values[:, i].astype(np.float64).tolist()
-        yield columns
+    scores = effects_of(model, [(job.sequence, job.edits[piece]) for job, piece in group], overlap=overlap,
+                        max_batch_tokens=max_batch_tokens, spare=spare, progress=progress)
+    rows = [row for job, piece in group for row in job.rows[piece]]
+    columns = {name: [row[name] for row in rows] for name in rows[0]}
+    columns["cosine_distance"] = np.concatenate([s["cosine_distance"] for s in scores]).astype(np.float64).tolist()
+    for name in ("p_ref", "p_alt", "diff", "logOR"):
+        if name not in scores[0]:
+            continue
+        values = np.concatenate([np.broadcast_to(s[name], (len(s["cosine_distance"]), len(labels))) for s in scores])
+        for i, label in enumerate(labels):
+            columns[name if len(labels) == 1 else f"{name}_{label}"] = values[:, i].astype(np.float64).tolist()
+    return columns
 
 
 def plot(jobs: list[Job], tables: list[dict], path: str, what: str) -> None:

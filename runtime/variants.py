@@ -85,50 +85,62 @@ def effects(model, sequence: str, edits: Sequence[Edit], overlap: int = 64, batc
     spare=False runs every window of every mutant (the naive way, for tests and benchmarks). progress(n) is called
     as mutants finish.
     """
+    return effects_of(model, [(sequence, edits)], overlap, batch_size, max_batch_tokens, spare, progress)[0]
+
+
+def effects_of(model, items: Sequence[tuple[str, Sequence[Edit]]], overlap: int = 64, batch_size: int = 64, max_batch_tokens: int = 8192,
+               spare: bool = True, progress: Callable[[int], None] | None = None) -> list[dict[str, np.ndarray]]:
+    """`effects` of several (sequence, edits) at once: every reference in one run of batches, then every mutant in
+    another, so that many short sequences with a few variants each (a VCF over a genome's 3'UTRs) fill batches."""
+    tok, k, window = model.tokenizer, model.k, model._window(overlap)
+    head = model.task is not None and model.task["level"] == "sequence"
+    names = ("last_hidden_state", "task_logits") if head else ("last_hidden_state",)
+    refs = [_reference_ids(tok, k, sequence, edits) for sequence, edits in items]
+    reference = _contributions(model, refs, [split_windows(0, len(ids), window, overlap) for ids in refs], names, batch_size, max_batch_tokens)
+    views, plans, kept = [], [], []
+    for i, ((sequence, edits), ids) in enumerate(zip(items, refs)):
+        for e in edits:
+            if e.substitution:  # the same windows; only those holding a changed k-mer run again
+                lo, hi, new = _changed_kmers(tok, sequence, e, k, len(ids))
+                views.append(_Edited(ids, lo, new))
+                plans.append([w for w in reference.plans[i] if w.start <= hi and w.end > lo] if spare else reference.plans[i])
+                kept.append(reference.without(i, plans[-1]) if spare else None)
+            else:  # every later k-mer moves, and the window plan with them: the edited sequence runs whole
+                views.append(tok.encode(apply(sequence, e))[1:-1])
+                if len(views[-1]) < 1:
+                    raise InputError(f"{e.ref or '-'}>{e.alt or '-'} at position {e.position + 1} leaves no {k}-mer")
+                plans.append(split_windows(0, len(views[-1]), window, overlap))
+                kept.append(None)
+    mutants = _contributions(model, views, plans, names, batch_size, max_batch_tokens, progress)
+    results, j = [], 0
+    for i, ((_, edits), ids) in enumerate(zip(items, refs)):
+        ref_sum, ref_p = reference.totals(i)
+        out = {"cosine_distance": np.zeros(len(edits))}
+        alt_p = np.zeros((len(edits), model.task["num_labels"])) if head else None
+        for m in range(len(edits)):
+            sums, p = mutants.totals(j)
+            if kept[j] is not None:  # the windows not run again are the reference's
+                sums, p = sums + kept[j][0], (p + kept[j][1]) if head else None
+            out["cosine_distance"][m] = 1.0 - _cosine(ref_sum / len(ids), sums / len(views[j]))
+            if head:
+                alt_p[m] = p / len(views[j])
+            j += 1
+        if head:
+            out.update(_task_scores(model.task["problem_type"], ref_p / len(ids), alt_p))
+        results.append(out)
+    return results
+
+
+def _reference_ids(tok, k: int, sequence: str, edits: Sequence[Edit]) -> np.ndarray:
+    """The k-mer ids of a sequence whose edits all apply, and whose positions are its k-mers'."""
     for edit in edits:
         problem = check_edit(sequence, edit)
         if problem:
             raise InputError(problem)
-    tok, k = model.tokenizer, model.k
-    ref_ids = tok.encode(sequence)[1:-1]
-    if len(ref_ids) != len(sequence) - k + 1:
+    ids = tok.encode(sequence)[1:-1]
+    if len(ids) != len(sequence) - k + 1:
         raise InputError("the sequence holds special tokens or characters that upper-case to several letters: positions are ambiguous")
-    window = model._window(overlap)
-    head = model.task is not None and model.task["level"] == "sequence"
-    names = ("last_hidden_state", "task_logits") if head else ("last_hidden_state",)
-    reference = _contributions(model, [ref_ids], [split_windows(0, len(ref_ids), window, overlap)], names, batch_size, max_batch_tokens)
-    ref_sum, ref_p = reference.totals(0)
-    n = len(ref_ids)
-    out = {"cosine_distance": np.zeros(len(edits))}
-    alt_p = np.zeros((len(edits), model.task["num_labels"])) if head else None
-    views, plans, base = [], [], []
-    for e in edits:
-        if e.substitution:
-            lo, hi, new = _changed_kmers(tok, sequence, e, k, n)
-            views.append(_Edited(ref_ids, lo, new))
-            plan = reference.plans[0] if not spare else [w for w in reference.plans[0] if w.start <= hi and w.end > lo]
-            base.append(reference.without(0, plan) if spare else None)
-        else:
-            alt_ids = tok.encode(apply(sequence, e))[1:-1]
-            if len(alt_ids) < 1:
-                raise InputError(f"{e.ref or '-'}>{e.alt or '-'} at position {e.position + 1} leaves no {k}-mer")
-            views.append(alt_ids)
-            plan = split_windows(0, len(alt_ids), window, overlap)
-            base.append(None)
-        plans.append(plan)
-    mutants = _contributions(model, views, plans, names, batch_size, max_batch_tokens, progress)
-    ref_mean = ref_sum / n
-    for j, e in enumerate(edits):
-        sums, p = mutants.totals(j)
-        if base[j] is not None:  # the windows not run again are the reference's
-            sums, p = sums + base[j][0], (p + base[j][1]) if head else None
-        length = n if e.substitution else len(views[j])
-        out["cosine_distance"][j] = 1.0 - _cosine(ref_mean, sums / length)
-        if head:
-            alt_p[j] = p / length
-    if head:
-        out.update(_task_scores(model.task["problem_type"], ref_p / n, alt_p))
-    return out
+    return ids
 
 
 def _changed_kmers(tok, sequence: str, e: Edit, k: int, n: int) -> tuple[int, int, np.ndarray]:

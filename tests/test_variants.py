@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import utr_runtime
 from conftest import TRAINED, multimolecule, real_sequences
-from utr_runtime.variants import Edit, apply, effects, saturation
+from utr_runtime.variants import Edit, apply, effects, effects_of, saturation
 from utrexport.cli import main
 
 PROBABILITY_ATOL = 1e-4  # variant probabilities vs multimolecule's on the mutated sequences (the fp32 parity gate)
@@ -209,6 +209,11 @@ def test_window_sparing_equals_running_every_window(trained_bundle):
     assert len(edits) > 40
     for name in spared:
         np.testing.assert_allclose(spared[name], naive[name], atol=1e-6, err_msg=name)
+    short = real_sequences("utrbert_dev_100nt.tsv")[2][1]
+    together = effects_of(model, [(seq, edits), (short, saturation(short)[:7])])  # one run of batches for both
+    for alone, both in zip([spared, effects(model, short, saturation(short)[:7])], together):
+        for name in alone:
+            np.testing.assert_allclose(both[name], alone[name], atol=1e-6, err_msg=name)
 
 
 def test_bad_variants_are_one_line_errors(trained_bundle, tmp_path):
@@ -255,3 +260,16 @@ def test_gff3_parents_and_a_chosen_feature_type(genome, tmp_path):
     assert [r.id for r in read_regions(str(tmp_path / "b.gtf"), "gtf", "UTR")] == list(genome["originals"])
     with pytest.raises(InputError, match=r"no 3utr or three_prime_utr features \(it has UTR\): choose one with --feature"):
         list(read_regions(str(tmp_path / "b.gtf"), "gtf"))
+
+
+def test_saturation_of_regions_equals_saturation_of_their_sequences(genome, trained_bundle, tmp_path):
+    """--saturate over a plus- and a minus-strand region gives the table of the same sequences from a FASTA."""
+    rows = [r for r in genome["bed_rows"] if r[2] - r[1] < 700][:3]
+    assert {r[5] for r in rows} == {"+", "-"}
+    (tmp_path / "some.bed").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+    (tmp_path / "some.fa").write_text("".join(f">{r[3]}\n{genome['originals'][r[3]]}\n" for r in rows))
+    result = run("variants", trained_bundle, "--saturate", "--genome", genome["genome"], "--bed", tmp_path / "some.bed", "-o", tmp_path / "g.tsv")
+    assert result.exit_code == 0, result.output
+    assert run("variants", trained_bundle, tmp_path / "some.fa", "--saturate", "-o", tmp_path / "f.tsv").exit_code == 0
+    assert table(tmp_path / "g.tsv") == table(tmp_path / "f.tsv")
+    assert len(table(tmp_path / "g.tsv")) == 3 * sum(len(genome["originals"][r[3]]) for r in rows)
