@@ -84,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "variants-bench", help="where the model and bundle are kept")
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
-    parser.add_argument("--paper-sample", type=int, default=8, help="mutants the paper's approach runs on the long 3'UTR")
+    parser.add_argument("--paper-sample", type=int, default=12, help="mutants the paper's approach runs on the long 3'UTR")
     parser.add_argument("--sample", type=int, default=64, help="mutants utrexport runs on the long 3'UTR")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
