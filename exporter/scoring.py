@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from utr_runtime.errors import InputError
-from utr_runtime.variants import Edit, check_edit, normalize, reverse_complement, saturation
+from utr_runtime.variants import Edit, check_edit, normalize, saturation
 
 CHUNK = 2048  # edits scored together: fills batches, bounds memory (a long saturation reruns its reference per chunk)
 VARIANT_COLUMNS = ("id", "sequence", "position", "ref", "alt")
@@ -72,7 +72,7 @@ def table_jobs(path: str, judged: Callable[[str, str], None]) -> list[Job]:
 def vcf_jobs(vcf: str, genome, regions: list, judged: Callable[[str, str], None], log: Callable[[str], None]) -> list[Job]:
     """Each VCF variant in each region that holds it (both strands; on the minus strand the alleles are
     complemented and the position counts from the region's 5' end)."""
-    from .genome import RegionIndex, read_vcf
+    from .genome import RegionIndex, read_vcf, reverse_complement
 
     index, jobs, outside, checked = RegionIndex(regions), {}, 0, {}
     for v in read_vcf(vcf):

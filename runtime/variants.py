@@ -26,7 +26,6 @@ from .parity import task_outputs
 from .windows import Window, split_windows
 
 NUCLEOTIDES = "ACGU"
-COMPLEMENT = str.maketrans("ACGTUNacgtun", "UGCAANugcaan")
 EPSILON = 1e-7  # probabilities are clipped to [EPSILON, 1 - EPSILON] in logOR: a saturated sigmoid gives no infinity
 
 
@@ -45,10 +44,6 @@ def normalize(allele: str) -> str:
     """An allele as the model reads it: upper case, T as U ('-' or '.' is the empty allele of VCF-less tables)."""
     allele = allele.strip().upper().replace("T", "U")
     return "" if allele in ("-", ".") else allele
-
-
-def reverse_complement(allele: str) -> str:
-    return allele.translate(COMPLEMENT)[::-1]
 
 
 def saturation(sequence: str) -> list[Edit]:
