@@ -708,13 +708,10 @@ def variants(bundle, input, output, vcf, saturate, plot, precision, device, engi
     if model.task is not None and model.task["level"] != "sequence":
         _log(f"note: the {model.task['level']}-level head is not scored (p_ref, p_alt, diff, logOR are sequence-level); cosine distances are")
     _log(_running(model.precision, model.engine, model.device, threads))
-    from tqdm import tqdm
-
     tables = []
-    with ColumnsWriter(output, replace=force) as writer, tqdm(total=sum(len(j.edits) for j in jobs), unit="variant", file=sys.stderr,
-                                                               disable=not sys.stderr.isatty(), dynamic_ncols=True) as bar:
+    with ColumnsWriter(output, replace=force) as writer, _VariantProgress(sum(len(j.edits) for j in jobs)) as progress:
         for group in scoring.groups(jobs):  # the engine runs in a background thread: SIGTERM and Ctrl-C end the run at once
-            columns = _in_background(scoring.score_group, model, group, overlap, batch_tokens, bar.update)
+            columns = _in_background(scoring.score_group, model, group, overlap, batch_tokens, progress.update)
             writer.write(columns)
             if plot:
                 tables.append(columns)
@@ -724,6 +721,35 @@ def variants(bundle, input, output, vcf, saturate, plot, precision, device, engi
     if skipped:
         _log(f"skipped {len(skipped)} invalid variant(s), listed in {_write_skipped(output, skipped)}")
     click.echo(f"{writer.rows} variant effects of {len(jobs)} sequence(s) written to {output}" + (f"; heatmaps in {plot}" if plot else ""))
+
+
+class _VariantProgress:
+    """Variants scored: a tqdm bar on a terminal; elsewhere (a log file, a cluster job) a line every LOG_INTERVAL s."""
+
+    LOG_INTERVAL = 30.0
+
+    def __init__(self, total: int):
+        import time
+
+        from tqdm import tqdm
+
+        self.live, self.total, self.done, self.clock = sys.stderr.isatty(), total, 0, time.monotonic
+        self.start = self.last = self.clock()
+        self.bar = tqdm(total=total, unit="variant", file=sys.stderr, disable=not self.live, dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.bar.update(n)
+        if not self.live and self.clock() - self.last >= self.LOG_INTERVAL:
+            self.last = self.clock()
+            rate = self.done / (self.last - self.start)
+            _log(f"{self.done:,} of {self.total:,} variants scored ({rate:.1f}/s, about {(self.total - self.done) / rate / 60:.0f} min to go)")
 
 
 def _judge_jobs(model, jobs: list, judged) -> list:
