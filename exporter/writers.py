@@ -31,6 +31,7 @@ PREDICTION_FORMATS = {"sequence": (".tsv", ".csv", ".parquet"), "nucleotide": ("
 
 
 COORDINATES = ("chrom", "start", "end", "strand")  # of a region read from a genome (utrexport.genome), by record id
+POSITIONS = ("start", "end")  # the integer ones
 
 
 def open_writer(path: str | os.PathLike, dim: int, replace: bool = False, coordinates: dict | None = None):
@@ -72,61 +73,6 @@ def _check_coordinates(path: Path, coordinates: dict | None, formats: tuple[str,
 def _coordinate_columns(ids: list[str], coordinates: dict) -> dict:
     rows = [coordinates[i] for i in ids]
     return {name: [row[j] for row in rows] for j, name in enumerate(COORDINATES)}
-
-
-class ColumnsWriter:
-    """A table of named columns (.tsv, .csv or .parquet), written chunk by chunk: write({name: values}). The columns
-    are those of the first chunk; a half-written table never carries the target's name."""
-
-    def __init__(self, path: str | os.PathLike, replace: bool = False):
-        path = Path(path)
-        if path.suffix.lower() not in (".tsv", ".csv", ".parquet"):
-            raise UtrError(f"{path}: the table must end in .tsv, .csv or .parquet")
-        self.path, self.replace, self.out, self.rows = path, replace, None, 0
-        if path.suffix.lower() == ".parquet":
-            try:
-                import pyarrow  # noqa: F401
-            except ImportError:
-                raise UtrError("parquet output needs pyarrow: pip install 'utrexport[parquet]'") from None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        if self.out is None:
-            if kind is None:
-                raise UtrError("nothing to write")
-            return
-        self.out.__exit__(kind, value, tb)
-
-    def write(self, columns: dict) -> None:
-        if self.out is None:
-            self.out = self._open(columns)
-        n = len(next(iter(columns.values())))
-        if self.path.suffix.lower() == ".parquet":
-            self.out.writer.write_table(self.out.pa.Table.from_pydict(columns, schema=self.out.schema))
-        else:
-            cells = [[v if isinstance(v, str) else f"{v:.6g}" if isinstance(v, (float, np.floating)) else str(v) for v in values]
-                     for values in columns.values()]
-            self.out.table.writerows(zip(*cells))
-        self.out.rows += n
-        self.rows += n
-
-    def _open(self, columns: dict):
-        out = _Atomic(self.path, self.replace)
-        if self.path.suffix.lower() == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            out.pa, out.schema = pa, pa.Table.from_pydict(columns).schema
-            out.writer = pq.ParquetWriter(out.file, out.schema)
-            out.close = lambda: (out.writer.close(), out._publish())
-            return out
-        out.text = io.TextIOWrapper(out.file, encoding="utf-8", newline="")
-        out.table = csv.writer(out.text, delimiter="\t" if self.path.suffix.lower() == ".tsv" else ",", lineterminator="\n")
-        out.table.writerow(list(columns))
-        out.close = lambda: (out.text.flush(), out._publish())
-        return out
 
 
 def decide(task: dict, probabilities: np.ndarray) -> list[str]:
@@ -265,7 +211,7 @@ class NumpyWriter(_Atomic):
                 with zipfile.ZipFile(self.file, "w", allowZip64=True) as archive:
                     _add_array(archive, "ids", np.array(self.ids, dtype=str))
                     for column, values in (_coordinate_columns(self.ids, self.coordinates) if self.coordinates else {}).items():
-                        _add_array(archive, column, np.array(values, dtype=np.int64 if column in ("start", "end") else str))
+                        _add_array(archive, column, np.array(values, dtype=np.int64 if column in POSITIONS else str))
                     if self.ragged:
                         _add_array(archive, "lengths", np.array(self.lengths, dtype=np.int64))
                     with archive.open(f"{self.name}.npy", "w", force_zip64=True) as out:
@@ -311,8 +257,7 @@ class TableWriter(_Atomic):
     def __init__(self, path: Path, task: dict, replace: bool = False, coordinates: dict | None = None):
         super().__init__(path, replace)
         self.task, self.coordinates = task, coordinates
-        self.text = io.TextIOWrapper(self.file, encoding="utf-8", newline="")
-        self.table = csv.writer(self.text, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", lineterminator="\n")
+        self.text, self.table = _csv_table(self.file, path)
         self.table.writerow(["id"] + list(COORDINATES if coordinates else ()) + ["label"] * _decides(task) + list(task["labels"]))
 
     def write(self, ids: list[str], rows) -> None:
@@ -332,13 +277,9 @@ class ParquetWriter(_Atomic):
     """An `id` column and the columns `fields(pa)` names, filled by `columns(pa, rows)` for each chunk."""
 
     def __init__(self, path: Path, fields, columns, replace: bool = False, coordinates: dict | None = None):
-        try:  # before the temporary file exists: the import is slow, and may fail or be interrupted
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise UtrError("parquet output needs pyarrow: pip install 'utrexport[parquet]'") from None
+        pa, pq = _pyarrow()  # before the temporary file exists: the import is slow, and may fail or be interrupted
         self.pa, self.columns, self.coordinates = pa, columns, coordinates
-        located = [("chrom", pa.string()), ("start", pa.int64()), ("end", pa.int64()), ("strand", pa.string())] if coordinates else []
+        located = [(name, pa.int64() if name in POSITIONS else pa.string()) for name in COORDINATES] if coordinates else []
         self.schema = pa.schema([("id", pa.string()), *located, *fields(pa)])
         super().__init__(path, replace)
         try:
@@ -363,3 +304,74 @@ class ParquetWriter(_Atomic):
             self.writer.close()
         finally:
             super().abort()
+
+
+class ColumnsWriter:
+    """A table of named columns, `id` first (.tsv, .csv or .parquet), written chunk by chunk: write({name: values}).
+    The columns are those of the first chunk; a half-written table never carries the target's name."""
+
+    def __init__(self, path: str | os.PathLike, replace: bool = False):
+        self.path, self.replace, self.out = Path(path), replace, None
+        if self.path.suffix.lower() not in (".tsv", ".csv", ".parquet"):
+            raise UtrError(f"{self.path}: the table must end in .tsv, .csv or .parquet")
+        if self.path.suffix.lower() == ".parquet":
+            _pyarrow()  # before any model work
+
+    @property
+    def rows(self) -> int:
+        return self.out.rows if self.out else 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if self.out is None:
+            if kind is None:
+                raise UtrError("nothing to write")
+            return
+        self.out.__exit__(kind, value, tb)
+
+    def write(self, columns: dict) -> None:
+        rest = {name: values for name, values in columns.items() if name != "id"}
+        if self.out is None:
+            self.out = self._open(rest)
+        self.out.write(columns["id"], rest)
+
+    def _open(self, first: dict):
+        if self.path.suffix.lower() == ".parquet":
+            schema = _pyarrow()[0].Table.from_pydict(first).schema
+            return ParquetWriter(self.path, lambda pa: list(zip(schema.names, schema.types)), lambda pa, rows: rows, self.replace)
+        return _CsvColumns(self.path, list(first), self.replace)
+
+
+class _CsvColumns(_Atomic):
+    """ColumnsWriter's TSV or CSV table: floats to 6 significant digits, as TableWriter writes them."""
+
+    def __init__(self, path: Path, names: list[str], replace: bool):
+        super().__init__(path, replace)
+        self.text, self.table = _csv_table(self.file, path)
+        self.table.writerow(["id", *names])
+
+    def write(self, ids: list[str], columns: dict) -> None:
+        cells = [[f"{v:.6g}" if isinstance(v, (float, np.floating)) else v for v in values] for values in columns.values()]
+        self.table.writerows(zip(ids, *cells))
+        self.rows += len(ids)
+
+    def close(self) -> None:
+        self.text.flush()
+        self._publish()
+
+
+def _csv_table(file, path: Path):
+    """(text stream, csv writer) over a binary file: tab-separated for .tsv, comma-separated otherwise."""
+    text = io.TextIOWrapper(file, encoding="utf-8", newline="")
+    return text, csv.writer(text, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", lineterminator="\n")
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UtrError("parquet output needs pyarrow: pip install 'utrexport[parquet]'") from None
+    return pa, pq

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import InputError
-from .parity import task_outputs
+from .parity import cosine, task_outputs
 from .windows import Window, split_windows
 
 NUCLEOTIDES = "ACGU"
@@ -116,7 +116,7 @@ def effects_of(model, items: Sequence[tuple[str, Sequence[Edit]]], overlap: int 
             sums, p = mutants.totals(j)
             if kept[j] is not None:  # the windows not run again are the reference's
                 sums, p = sums + kept[j][0], (p + kept[j][1]) if head else None
-            out["cosine_distance"][m] = 1.0 - _cosine(ref_sum / len(ids), sums / len(views[j]))
+            out["cosine_distance"][m] = 1.0 - float(cosine(ref_sum / len(ids), sums / len(views[j])))
             if head:
                 alt_p[m] = p / len(views[j])
             j += 1
@@ -197,11 +197,6 @@ def _contributions(model, kmers, plans, names, batch_size, max_batch_tokens, pro
         if progress and left[w.sequence] == 0:
             progress(1)
     return _Contributions(plans, sums, probabilities)
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    norms = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / norms) if norms > 0 else 1.0
 
 
 def _task_scores(problem_type: str, p_ref: np.ndarray, p_alt: np.ndarray) -> dict[str, np.ndarray]:
