@@ -49,7 +49,8 @@ export function assertWithin(actual, expected, tolerance, what, { width, task = 
   if (tolerance.max_abs !== undefined) assertClose(a, b, tolerance.max_abs, what);
   const rows = (x) => Array.from({ length: x.length / width }, (_, r) => x.slice(r * width, (r + 1) * width));
   if (tolerance.mean_cosine !== undefined || tolerance.min_cosine !== undefined) {
-    const cosines = rows(a).map((row, r) => cosine(row, rows(b)[r]));
+    const reference = rows(b);
+    const cosines = rows(a).map((row, r) => cosine(row, reference[r]));
     const mean = cosines.reduce((s, c) => s + c, 0) / cosines.length;
     assert.ok(mean >= (tolerance.mean_cosine ?? -1), `${what}: mean cosine ${mean} < ${tolerance.mean_cosine}`);
     assert.ok(Math.min(...cosines) >= (tolerance.min_cosine ?? -1), `${what}: min cosine ${Math.min(...cosines)} < ${tolerance.min_cosine}`);
@@ -61,7 +62,10 @@ export function assertWithin(actual, expected, tolerance, what, { width, task = 
     if (task.problem_type === 'regression') error /= Math.max(...pb.flat().map(Math.abs), 1e-12);
     assert.ok(error <= tolerance.prob_max_abs, `${what}: probability max abs difference ${error} > ${tolerance.prob_max_abs}`);
     if (task.problem_type === 'regression') return;
-    const decided = pb.map((row, r) => decisions(task.problem_type, row).map((d, i) => [d, decisions(task.problem_type, pa[r])[i]]));
+    const decided = pb.map((row, r) => {
+      const candidate = decisions(task.problem_type, pa[r]);
+      return decisions(task.problem_type, row).map((d, i) => [d, candidate[i]]);
+    });
     const decisive = decided.flat().filter(([d]) => d.margin > decisiveMargin);
     const agreement = decisive.length ? decisive.filter(([d, c]) => d.label === c.label).length / decisive.length : 1;
     assert.ok(agreement >= tolerance.agreement, `${what}: ${agreement} of the decisive labels kept, below ${tolerance.agreement}`);
