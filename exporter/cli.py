@@ -869,8 +869,8 @@ def fill_mask(bundle, text, top_k, precision, device, engine, as_json) -> None:
 
 
 def _repository_options(fn):
-    """Options of the Triton model repository, for `triton` and `serve`."""
-    from utr_runtime.serving import CAPABILITIES, MAX_LENGTH
+    """Options of the Triton model repository, for `triton` and `serve`: what runs, and what one request may cost."""
+    from utr_runtime.serving import CAPABILITIES, Limits
 
     options = [
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
@@ -884,7 +884,13 @@ def _repository_options(fn):
                      help="Sequences Triton batches into one execution (and the most one request may send)."),
         click.option("--max-queue-delay-us", type=click.IntRange(0), default=2000, show_default=True,
                      help="How long the dynamic batcher waits for more requests to batch."),
-        click.option("--max-length", type=click.IntRange(1), default=MAX_LENGTH, show_default=True, help="Longest sequence (nt) a request may send."),
+        click.option("--max-length", type=click.IntRange(1), default=Limits.max_length, show_default=True, help="Longest sequence (nt) a request may send."),
+        click.option("--max-request-nt", type=click.IntRange(1), default=Limits.max_request_nt, show_default=True,
+                     help="Most nt in all the sequences of one request."),
+        click.option("--max-token-rows", type=click.IntRange(1), default=Limits.max_token_rows, show_default=True,
+                     help="Most rows of one tokens-pooling answer (sequences x the longest one's k-mers)."),
+        click.option("--max-fill-mask-answers", type=click.IntRange(1), default=Limits.max_fill_mask_answers, show_default=True,
+                     help="Most fill-mask guesses in one request (masks x top_k)."),
         click.option("--model", "models", type=click.Choice(CAPABILITIES), multiple=True,
                      help="Serve only this capability, repeatable [default: every one the bundle has: embed, predict, fill_mask]."),
     ]
@@ -893,11 +899,16 @@ def _repository_options(fn):
     return fn
 
 
-def _repository(precision, device, engine, instances, threads, max_batch_size, max_queue_delay_us, max_length, models):
+def _repository(precision, device, engine, instances, threads, max_batch_size, max_queue_delay_us, max_length, max_request_nt, max_token_rows,
+                max_fill_mask_answers, models):
+    from utr_runtime.serving import Limits
+
     from .triton import RepositoryOptions
 
+    limits = Limits(max_length=max_length, max_sequences=max_batch_size, max_request_nt=max_request_nt, max_token_rows=max_token_rows,
+                    max_fill_mask_answers=max_fill_mask_answers)
     return RepositoryOptions(precision=precision, engine=engine, device=device, threads=threads, instances=instances, max_batch_size=max_batch_size,
-                             max_queue_delay_us=max_queue_delay_us, max_length=max_length, capabilities=list(models))
+                             max_queue_delay_us=max_queue_delay_us, limits=limits, capabilities=list(models))
 
 
 @main.command()
@@ -911,60 +922,67 @@ def triton(bundles, output, force, **options) -> None:
     NumPy and the engine only). One bundle's models are named embed, predict, fill_mask; several bundles' names start
     with the bundle's folder name."""
     from .triton import write_repository
+    from .tritonserver import ADMIN_APIS
 
     names = write_repository(bundles, output, _repository(**options), force=force)
     click.echo(f"Triton model repository written to {output}: models {', '.join(names)}")
-    click.echo(f"run it with: tritonserver --model-repository={output}   (or: utrexport serve {' '.join(bundles)})")
+    click.echo(f"run it locked: tritonserver --model-repository={output} --model-control-mode=none "
+               f"--http-restricted-api={ADMIN_APIS}:admin-key=SECRET --grpc-restricted-protocol={ADMIN_APIS}:admin-key=SECRET   "
+               f"(or: utrexport serve {' '.join(bundles)})")
 
 
 @main.command()
 @click.argument("bundles", metavar="BUNDLE...", nargs=-1, type=click.Path(path_type=str))
-@click.option("--host", default="0.0.0.0", show_default=True, help="Address the HTTP, gRPC and metrics endpoints listen on (127.0.0.1: this machine only).")
-@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
-@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the front (HTTP: OpenAI embeddings, KServe v2) listens on; 0.0.0.0: every network, with an API key.")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="The front's port.")
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="Triton's gRPC port (on 127.0.0.1).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True, help="Triton's metrics port (on 127.0.0.1).")
+@click.option("--api-key", envvar="UTREXPORT_API_KEY", show_envvar=True,
+              help="Key every request but health must send as 'Authorization: Bearer KEY' (prefer the variable or --api-key-file: "
+                   "a command line is visible to every user of the machine).")
+@click.option("--api-key-file", type=click.File("r"), help="A file whose first line is the API key.")
+@click.option("--no-api-key", is_flag=True, help="Serve a non-loopback --host without a key (behind a gateway that checks one).")
+@click.option("--expose-triton", is_flag=True,
+              help="Triton's gRPC and metrics ports on --host too (locked; only a tritonserver of NVIDIA's release 25.07 or later).")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=16 * 2**20, show_default=True, help="Largest request body (413 past it).")
+@click.option("--max-waiting", type=click.IntRange(1), default=256, show_default=True,
+              help="Requests the front holds at once (queued or running); more are answered 429 with Retry-After.")
+@click.option("--drain-timeout", type=click.FloatRange(0), default=30, show_default=True,
+              help="Seconds requests in flight get to finish after SIGTERM, SIGINT or SIGHUP.")
+@click.option("--triton-log", type=click.Path(dir_okay=False, path_type=str),
+              help="Triton's own log file; '-' for this terminal [default: utrexport-tritonserver-PORT.log in the temporary folder].")
 @click.option("--tritonserver", type=click.Path(dir_okay=False, path_type=str),
               help="The tritonserver to run [default: the one on PATH, else the server environment's].")
 @click.option("--server-env", type=click.Path(file_okay=False, path_type=str),
               help="The server environment, made on first use [default: $UTREXPORT_SERVER_ENV, else ~/.cache/utrexport/triton-server].")
 @click.option("--setup", is_flag=True, help="Only make the server environment (if it is not made yet), then exit.")
-@click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True, help="Seconds to wait for the server to be ready.")
+@click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True, help="Seconds to wait for the models to be ready.")
 @_repository_options
 @_fail_cleanly
-def serve(bundles, host, http_port, grpc_port, metrics_port, tritonserver, server_env, setup, timeout, **options) -> None:
-    """Serve bundles on Triton Inference Server (KServe v2 over HTTP and gRPC, dynamic batching, health, metrics)
-    until Ctrl-C or SIGTERM. Without a tritonserver on PATH, it runs the one of a server environment it makes once."""
-    import signal
-    import tempfile
-    from pathlib import Path
-
-    from . import triton
+def serve(bundles, host, http_port, grpc_port, metrics_port, api_key, api_key_file, no_api_key, expose_triton, max_body_bytes, max_waiting,
+          drain_timeout, triton_log, tritonserver, server_env, setup, timeout, **options) -> None:
+    """Serve bundles until Ctrl-C, SIGTERM or SIGHUP: OpenAI's /v1/embeddings and KServe v2 over HTTP (the front: API key,
+    limits, drain), on Triton Inference Server (dynamic batching, metrics) kept on loopback and locked. Without a
+    tritonserver on PATH, it runs the one of a server environment it makes once."""
+    from . import serve as serving
+    from . import tritonserver as triton_server
 
     if setup:
-        server = triton.find_server(tritonserver, server_env, _log)
+        server = triton_server.find_server(tritonserver, server_env, _log)
         click.echo(f"server ready: {server.binary}")
         return
     if not bundles:
         raise CommandError("name at least one BUNDLE to serve (or pass --setup)")
-    ports = triton.Ports(http_port, grpc_port, metrics_port)
-    with tempfile.TemporaryDirectory(prefix="utrexport-serve-") as scratch:
-        names = triton.write_repository(bundles, Path(scratch) / "models", _repository(**options))
-        server = triton.find_server(tritonserver, server_env, _log)
-        _log(f"starting {server.binary} on models {', '.join(names)} ({options['precision']}, engine {options['engine']}, device {options['device']})")
-        process = triton.start(server, Path(scratch) / "models", ports, host)
-        signal.signal(signal.SIGINT, _terminated)  # Ctrl-C and SIGTERM both stop the server below, and leave nothing behind
-        try:
-            triton.wait_ready(process, host, http_port, timeout)
-            shown = "localhost" if host in ("0.0.0.0", "::") else host
-            click.echo(f"serving {', '.join(names)}: HTTP http://{shown}:{http_port}/v2/models/{names[0]}/infer, gRPC {shown}:{grpc_port}, "
-                       f"metrics http://{shown}:{metrics_port}/metrics; Ctrl-C stops", err=True)
-            code = process.wait()
-            raise CommandError(f"tritonserver exited with status {code}")
-        except SystemExit:  # the signal: a normal end
-            _log("stopping the server")
-        finally:
-            triton.stop(process)
-    _log("stopped")
+    if api_key_file:
+        api_key = (api_key_file.readline().strip() or None) if not api_key else api_key
+        if not api_key:
+            raise CommandError(f"{api_key_file.name}: no API key on its first line")
+    run = serving.ServeOptions(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, api_key=api_key,
+                               no_api_key=no_api_key, expose_triton=expose_triton, max_body_bytes=max_body_bytes, max_waiting=max_waiting,
+                               drain_timeout=drain_timeout, ready_timeout=timeout, tritonserver=tritonserver, server_env=server_env,
+                               triton_log=triton_log, repository=_repository(**options))
+    serving.run(bundles, run, _log)
 
 
 @main.command()

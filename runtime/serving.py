@@ -3,8 +3,9 @@
 A server hands its model every request that arrived within the queue delay (Triton's dynamic batcher). `Service.run`
 flattens the sequences of all of them into one `embed`/`predict` call, so requests share the runtime's token-budget
 batches and windows, and splits the answers back per request. A request whose input cannot be run (not UTF-8, empty,
-shorter than k, over `max_length`, a foreign letter with strict on, an unknown parameter) gets its own one-line
-error; the rest of the batch is answered and the server stays up.
+shorter than k, a line break inside, a foreign letter with strict on, an unknown parameter) or would cost more than
+the server's `Limits` allow gets its own one-line error; the rest of the batch is answered and the server stays up.
+`Limits.check` is also what `utrexport serve`'s front asks before it forwards a request, so the two refuse alike.
 
 `TritonPythonModel` adapts `Service` to Triton's Python backend: the model.py that `utrexport triton` writes is
 that class and nothing more. The interface (names, shapes, parameters) is `interface()`, which the repository
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -66,21 +68,61 @@ def capabilities(task: dict | None, has_lm_head: bool) -> list[str]:
 
 
 class RequestError(UtrError):
-    """What is wrong with one request: it alone is answered with this message (HTTP 400; `internal`: the server's
-    fault, such as an engine failure, HTTP 500)."""
+    """What is wrong with one request: it alone is answered with this message (HTTP 400; `status` 413 for a request
+    over a size limit; `internal`: the server's fault, such as an engine failure, HTTP 500)."""
 
-    def __init__(self, message: str, internal: bool = False):
+    def __init__(self, message: str, internal: bool = False, status: int = 400):
         super().__init__(message)
-        self.internal = internal
+        self.internal, self.status = internal, 500 if internal else status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost, so that no small request makes a huge answer or a long run. Each limit is a flag
+    of `utrexport triton` and `serve` (the name with dashes), named in the error that refuses a request over it."""
+
+    max_length: int = MAX_LENGTH  # nt in one sequence (400: that sequence cannot be run here)
+    max_sequences: int = 64  # sequences (or fill-mask texts) in one request; Triton's max_batch_size (413)
+    max_request_nt: int = 200_000  # nt in all the sequences of one request: the compute one request may ask for (413)
+    max_token_rows: int = 20_000  # rows of a tokens-pooling answer, sequences x the longest one's k-mers (413): 61 MB of float32 at 768
+    max_fill_mask_answers: int = 1_000  # masks x top_k over a request's texts: each guess carries its whole text (413)
+
+    def check(self, capability: str, texts: Sequence[str], options: dict, k: int) -> RequestError | None:
+        """Why this request is over a limit or cannot be read as sequences, or None. Cheap: counts, no tokenizing."""
+        if len(texts) > self.max_sequences:
+            return self._over("max_sequences", f"{len(texts):,} sequences")
+        for j, text in enumerate(texts):
+            if len(text) > self.max_length:
+                return RequestError(f"sequence {j}: {len(text):,} characters, more than this server's max_length of {self.max_length:,} "
+                                    "(--max-length raises it)")
+            if capability != "fill_mask" and _LINE_BREAK.search(text):
+                return RequestError(f"sequence {j}: a line break at position {_LINE_BREAK.search(text).start() + 1}: send each sequence "
+                                    "as one string without line breaks (one FASTA record's lines joined)")
+        if sum(map(len, texts)) > self.max_request_nt:
+            return self._over("max_request_nt", f"{sum(map(len, texts)):,} nt")
+        if options.get("pooling") == "tokens" and len(texts) * max(len(t) - k + 1 for t in texts) > self.max_token_rows:
+            return self._over("max_token_rows", f"a tokens answer of {len(texts):,} x {max(len(t) for t in texts) - k + 1:,} rows")
+        if capability == "fill_mask":
+            answers = sum(t.lower().count("<mask>") for t in texts) * options.get("top_k", TOP_K)
+            if answers > self.max_fill_mask_answers:
+                return self._over("max_fill_mask_answers", f"{answers:,} fill-mask answers (masks x top_k)")
+        return None
+
+    def _over(self, name: str, what: str) -> RequestError:
+        return RequestError(f"{what} in one request, more than this server's {name} of {getattr(self, name):,} "
+                            f"(--{name.replace('_', '-')} raises it)", status=413)
+
+
+_LINE_BREAK = re.compile(r"[\r\n\v\f\x85\u2028\u2029]")
 
 
 class Service:
     """One capability of a loaded model, answering batches of requests: `run([(texts, parameters), ...])`."""
 
-    def __init__(self, model, capability: str, max_length: int = MAX_LENGTH):
+    def __init__(self, model, capability: str, limits: Limits = Limits()):
         if capability not in capabilities(model.task, model.bundle.has_lm_head):
             raise UtrError(f"this bundle cannot serve {capability!r}: it serves {', '.join(capabilities(model.task, model.bundle.has_lm_head))}")
-        self.model, self.capability, self.max_length = model, capability, max_length
+        self.model, self.capability, self.limits = model, capability, limits
 
     def run(self, requests: Sequence[tuple[Sequence[Any], dict]]) -> list[dict[str, np.ndarray] | RequestError]:
         """For each (texts, parameters) request, its outputs ((n, ...) arrays, n = len(texts)) or its error."""
@@ -134,9 +176,10 @@ class Service:
                 text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
             except UnicodeDecodeError as e:
                 raise RequestError(f"sequence {j}: not UTF-8 text (byte {e.start})") from None
-            if len(text) > self.max_length:
-                raise RequestError(f"sequence {j}: {len(text):,} characters, more than this server's max_length of {self.max_length:,}")
             decoded.append(text)
+        over = self.limits.check(self.capability, decoded, options, self.model.k)
+        if over:
+            raise over
         if self.capability != "fill_mask":
             problem = next(((j, p) for j, p in enumerate(self.model.problems(decoded, options["strict"], self.model.max_kmers)) if p), None)
             if problem:
@@ -197,7 +240,7 @@ class TritonPythonModel:
     """Triton's Python backend model (the repository's model.py): one instance loads the bundle once.
 
     Model parameters (config.pbtxt): capability, bundle (a folder beside model.py), precision, engine, device,
-    threads, max_length. A KIND_GPU instance sees only its own GPU (CUDA_VISIBLE_DEVICES, set before any engine starts).
+    threads, and the `Limits` (max_length, ...). A KIND_GPU instance sees only its own GPU (CUDA_VISIBLE_DEVICES, set before any engine starts).
     """
 
     def initialize(self, args: dict) -> None:
@@ -223,11 +266,21 @@ class TritonPythonModel:
                          device=parameters.get("device", "cpu"), threads=threads, engine=parameters.get("engine", "auto"))
         for warning in caught:
             pb.Logger.log_warn(f"{args['model_name']}: {warning.message}")
-        self.service = Service(model, parameters["capability"], int(parameters.get("max_length") or MAX_LENGTH))
+        limits = Limits(**{name: int(parameters[name]) for name in Limits.__dataclass_fields__ if parameters.get(name)})
+        self.service = Service(model, parameters["capability"], limits)
         self.input = interface(self.service.capability, model.hidden_size, model.task)[0][0].name
         pb.Logger.log_info(f"{args['model_instance_name']}: {model!r}, {threads or 'default'} threads")
 
     def execute(self, requests):
+        pb = self.pb
+        # A request whose client has gone (the front cancels it when its client hangs up) is not computed.
+        cancelled = [request.is_cancelled() for request in requests]
+        live = [request for request, gone in zip(requests, cancelled) if not gone]
+        answers = iter(self._answer(live))
+        return [pb.InferenceResponse(error=pb.TritonError("the client cancelled the request", pb.TritonError.CANCELLED)) if gone
+                else next(answers) for gone in cancelled]
+
+    def _answer(self, requests):
         pb = self.pb
         batch = []
         for request in requests:

@@ -28,7 +28,7 @@ import pytest
 import utr_runtime
 from conftest import real_sequences
 from utr_runtime.serving import Service
-from utrexport import triton
+from utrexport import triton, tritonserver
 
 UTREXPORT = str(Path(sys.executable).parent / "utrexport")
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -39,34 +39,48 @@ QUEUE_DELAY_US = 50_000  # long enough that a burst of concurrent requests meets
 
 
 class Served:
-    """A running `utrexport serve` (or a tritonserver started on a written repository), on free local ports."""
+    """A running `utrexport serve` (its front on `http`, Triton's gRPC and metrics on loopback), or a tritonserver started
+    on a written repository (its own HTTP on `http`), on free local ports."""
 
-    def __init__(self, log: Path, command: list[str] | None = None, repository: Path | None = None):
-        ports = triton.Ports.free()
+    def __init__(self, log: Path, command: list[str] | None = None, repository: Path | None = None, env: dict | None = None):
+        ports = tritonserver.Ports.free()
         self.http, self.grpc, self.metrics = ports.http, ports.grpc, ports.metrics
         self.log = log
+        self.locks = tritonserver.Locks()
         with open(log, "wb") as out:
             if repository is None:
-                self.process = subprocess.Popen(command + ["--host", "127.0.0.1", "--http-port", str(self.http), "--grpc-port", str(self.grpc),
-                                                           "--metrics-port", str(self.metrics)], stdout=out, stderr=subprocess.STDOUT)
+                self.process = subprocess.Popen(command + ["--http-port", str(self.http), "--grpc-port", str(self.grpc),
+                                                           "--metrics-port", str(self.metrics), "--triton-log", str(log.with_suffix(".triton.log"))],
+                                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
             else:
-                server = triton.find_server(None, None, print)
-                self.process = triton.start(server, repository, ports, "127.0.0.1", out)
+                server = tritonserver.find_server(None, None, print)
+                self.process = tritonserver.start(server, repository, ports, self.locks, "127.0.0.1", out)
         try:
-            triton.wait_ready(self.process, "127.0.0.1", self.http, timeout=300)
+            self.wait_ready()
         except Exception:
             self.stop()
             raise AssertionError(f"the server did not start:\n{self.log.read_text()[-3000:]}") from None
 
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "the server exited"
+            if self.get("/v2/health/ready")[0] == 200:
+                return
+            time.sleep(0.25)
+        raise AssertionError("not ready in time")
+
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.http}{path}"
 
-    def get(self, path: str) -> tuple[int, bytes]:
+    def get(self, path: str, headers: dict | None = None) -> tuple[int, bytes]:
         try:
-            with urllib.request.urlopen(self.url(path), timeout=30) as answer:
+            with urllib.request.urlopen(urllib.request.Request(self.url(path), headers=headers or {}), timeout=30) as answer:
                 return answer.status, answer.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
+        except urllib.error.URLError:
+            return 0, b""
 
     def infer(self, model: str, texts: list[str], parameters: dict | None = None, name: str = "sequence"):
         """KServe v2 JSON over HTTP: {output: array}, or (status, error message) for a failed request."""
@@ -100,9 +114,15 @@ class Served:
         return {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
 
     def statistics(self, model: str) -> dict:
-        status, body = self.get(f"/v2/models/{model}/stats")
-        assert status == 200, body
-        return json.loads(body)["model_stats"][0]
+        """Triton's statistics of a model, over gRPC on loopback (the front does not serve them)."""
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc}")
+        try:
+            stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        finally:
+            client.close()
+        return {"inference_count": int(stats.get("inference_count", 0)), "execution_count": int(stats.get("execution_count", 0))}
 
     def children(self) -> list[psutil.Process]:
         return psutil.Process(self.process.pid).children(recursive=True)
@@ -115,7 +135,7 @@ class Served:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        triton.stop(self.process) if self.process.returncode is None else None
+        tritonserver.stop(self.process) if self.process.returncode is None else None
 
 
 def serve(tmp_path_factory, bundles, *options) -> Served:
