@@ -6,7 +6,7 @@ it accepted to Triton over gRPC, so Triton's dynamic batcher still batches the r
 route is 404: Triton's admin APIs are never reachable through it. It translates and guards; it batches nothing.
 
 Built on Starlette (the ASGI toolkit under FastAPI: routing, requests and responses, nothing more, which is all a
-translating front needs) served by uvicorn (h11, a strict pure-Python HTTP/1.1 parser, not Triton's old one).
+translating front needs) served by uvicorn (llhttp's parser through httptools, or h11's; not Triton's old one), on uvloop where installed.
 Requests are refused up front, before any body reaches Triton: 401 (key), 413 (body or request over a limit), 429
 (too many requests waiting, with Retry-After), 400 (malformed, one line), 503 (shutting down); each refusal is one
 line in the log, and never affects another request. A request whose client hangs up is cancelled at Triton.
@@ -190,7 +190,8 @@ class Front:
         except Refusal as refusal:
             return self._refuse(request.scope, refusal)
         outputs = [(o.name, o.datatype, result.as_numpy(o.name)) for o in result.get_response().outputs]
-        body, headers = kserve.write_answer(model.name, outputs, call.binary, call.binary_all, call.id)
+        # In a thread: a large JSON answer takes a while to write, and other requests must not wait behind it.
+        body, headers = await asyncio.to_thread(kserve.write_answer, model.name, outputs, call.binary, call.binary_all, call.id)
         return Response(body, headers=headers)
 
     async def embeddings(self, request: Request) -> Response:

@@ -81,7 +81,8 @@ def write_repository(bundles, output: str | os.PathLike, options: RepositoryOpti
                   "options": {**{k: v for k, v in vars(options).items() if k not in ("capabilities", "limits")}, **vars(options.limits)},
                   "utrexport": utr_runtime.__version__}
         (work / MARKER).write_text(json.dumps(record, indent=1) + "\n")
-        if output.exists():
+        if output.exists() or output.is_symlink():  # replaced only as --force allows, checked again: it may have appeared meanwhile
+            _check_output(output, force)
             shutil.rmtree(output)
         os.replace(work, output)
     except BaseException:
@@ -99,7 +100,9 @@ def model_names(bundles: list[utr_runtime.Bundle], options: RepositoryOptions) -
         names.append({c: c if len(bundles) == 1 else f"{stem}_{c}" for c in served})
     flat = [n for models in names for n in models.values()]
     if len(set(flat)) < len(flat):
-        raise ServeError("two bundles have the same folder name, so their models would have the same names: rename one folder")
+        folders = [b.path.resolve().name for b in bundles]
+        raise ServeError(f"bundles {', '.join(map(repr, folders))} would give models the same names (a model name keeps A-Z, a-z, 0-9, "
+                         "_ and - of its bundle's folder name, other characters become _): rename a folder")
     return names
 
 
@@ -150,7 +153,10 @@ def _link_tree(source: Path, target: Path, names: list[str]) -> None:
         try:
             os.link(source / name, target / name)
         except OSError:
-            shutil.copy2(source / name, target / name)
+            try:
+                shutil.copy2(source / name, target / name)
+            except OSError as e:  # name the file being written (a full disk), not the bundle's it was copied from
+                raise ServeError(f"{target / name}: cannot write it ({e.strerror or e})") from None
 
 
 def _write_warmup(folder: Path, capability: str) -> None:

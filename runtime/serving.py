@@ -84,7 +84,7 @@ class Limits:
     max_length: int = MAX_LENGTH  # nt in one sequence (400: that sequence cannot be run here)
     max_sequences: int = 64  # sequences (or fill-mask texts) in one request; Triton's max_batch_size (413)
     max_request_nt: int = 200_000  # nt in all the sequences of one request: the compute one request may ask for (413)
-    max_token_rows: int = 20_000  # rows of a tokens-pooling answer, sequences x the longest one's k-mers (413): 61 MB of float32 at 768
+    max_token_rows: int = 8_192  # rows of a tokens-pooling answer, sequences x the longest one's k-mers (413): 25 MB of float32 at 768
     max_fill_mask_answers: int = 1_000  # masks x top_k over a request's texts: each guess carries its whole text (413)
 
     def check(self, capability: str, texts: Sequence[str], options: dict, k: int) -> RequestError | None:

@@ -34,6 +34,7 @@ NOT_RUN = {
     "utrexport serve": "serves until stopped (tests/test_serving.py runs serve, and the requests below against it)",
     "curl ": "needs the server above (tests/test_serving.py runs these requests against one)",
     "tritonclient": "needs the server above (tests/test_serving.py runs this example against one)",
+    "from openai import OpenAI": "needs the server above (tests/test_serving.py runs this example against one)",
     "docker run": "needs Docker, NVIDIA's Triton container and a GPU",
 }
 LINKED = ("calibration", "tests", "benchmarks", "docs", "clients")

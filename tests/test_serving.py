@@ -141,7 +141,7 @@ class Served:
 def serve(tmp_path_factory, bundles, *options) -> Served:
     log = tmp_path_factory.mktemp("serve") / "server.log"
     return Served(log, [UTREXPORT, "serve", *map(str, bundles), "--max-queue-delay-us", str(QUEUE_DELAY_US), "--max-length", str(MAX_LENGTH),
-                        "--threads", "1", *options])
+                        "--threads", "1", "--max-token-rows", "20000", *options])
 
 
 @pytest.fixture(scope="module")
@@ -314,12 +314,13 @@ def test_health_metadata_and_metrics(server, bundles):
 # ------------------------------------------------------------------------------------------------ lifecycle
 
 
-def test_sigterm_stops_the_server_and_leaves_no_process(tmp_path_factory, bundles):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the terminal was closed
+def test_sigterm_stops_the_server_and_leaves_no_process(tmp_path_factory, bundles, sig):
     served = serve(tmp_path_factory, [bundles["mlm"]], "--model", "embed")
     children = served.children()
     assert any("tritonserver" in p.name() for p in children) and any("stub" in " ".join(p.cmdline()) for p in children)
     scratch = re.search(r"--model-repository=(\S+)", " ".join(" ".join(p.cmdline()) for p in children)).group(1)
-    served.process.send_signal(signal.SIGTERM)
+    served.process.send_signal(sig)
     assert served.process.wait(60) == 0
     time.sleep(0.5)
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
@@ -394,7 +395,7 @@ def test_repository_refusals_are_one_line(tmp_path, bundles):
         ((bundles["mlm"], "-o", tmp_path / "mine", "--force"), "not a repository utrexport wrote"),
         ((bundles["mlm"], "-o", tmp_path / "r", "--model", "predict"), "cannot serve predict"),
         ((bundles["mlm"], "-o", tmp_path / "r", "--precision", "int8"), "has no int8 model"),
-        ((bundles["mlm"], bundles["mlm"], "-o", tmp_path / "r"), "same folder name"),
+        ((bundles["mlm"], bundles["mlm"], "-o", tmp_path / "r"), "would give models the same names"),
         ((tmp_path / "nothing", "-o", tmp_path / "r"), "nothing"),
     ]
     for args, expected in cases:
@@ -433,7 +434,7 @@ def readme_serve_examples() -> list[tuple[str, str]]:
 
 
 def test_the_readme_requests_work(tmp_path_factory, bundles):
-    """The README's curl request and tritonclient example, against an embed model on this test's ports."""
+    """The README's curl requests, OpenAI client and tritonclient example, against an embed model on this test's ports."""
     served = serve(tmp_path_factory, [bundles["mlm"]], "--model", "embed")
     try:
         ran = 0
@@ -444,14 +445,14 @@ def test_the_readme_requests_work(tmp_path_factory, bundles):
                 for command in [line for line in text.splitlines() if line.startswith("curl")]:
                     done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
                     assert done.returncode == 0 and done.stdout.strip(), (command, done.stderr[-500:])
-                    assert "/infer" not in command or '"embedding"' in done.stdout, done.stdout[-500:]
+                    assert "health" in command or '"embedding"' in done.stdout, done.stdout[-500:]
                     assert "health" not in command or (done.stdout.startswith("200\n") and 'nv_inference_request_success{model="embed"' in done.stdout), done.stdout[-500:]
                     ran += 1
-            elif "tritonclient" in text:
+            elif "tritonclient" in text or "openai" in text:
                 done = subprocess.run([sys.executable, "-c", text], capture_output=True, text=True, timeout=120)
-                assert done.returncode == 0 and done.stdout.startswith("(2, 32)"), done.stderr[-2000:]
+                assert done.returncode == 0 and done.stdout.startswith("(2, 32)" if "tritonclient" in text else "2 32"), done.stderr[-2000:]
                 ran += 1
-        assert ran == 3
+        assert ran == 5
     finally:
         served.stop()
 

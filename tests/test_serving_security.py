@@ -94,6 +94,10 @@ def test_by_default_every_process_listens_on_loopback_only(tmp_path, bundles):
         sockets = listening(served.process)
         assert {port for _, port in sockets} >= {served.http, served.grpc, served.metrics}, sockets
         assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets
+        # A CPU start prints the project's lines only: Triton's GPU complaints and tables go to its log file, named.
+        printed = served.log.read_text()
+        assert "NVML" not in printed and "CudaDriverHelper" not in printed and "+----" not in printed, printed
+        assert len(printed.splitlines()) == 2 and str(served.log.with_suffix(".triton.log")) in printed, printed
     finally:
         served.stop()
 
@@ -357,3 +361,42 @@ def test_a_second_serve_on_taken_ports_says_which_in_one_line(guarded, bundles):
     done = subprocess.run([UTREXPORT, "serve", str(bundles["mlm"]), "--http-port", str(guarded.http + 7), "--grpc-port", str(guarded.grpc)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "--grpc-port" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_setup_never_removes_a_folder_it_did_not_make(tmp_path):
+    """`serve --setup --server-env DIR` remakes only a server environment it made; a user's folder is refused, intact."""
+    mine = tmp_path / "v"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("work")
+    done = subprocess.run([UTREXPORT, "serve", "--setup", "--server-env", str(mine)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "did not make" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.txt"] and (mine / "thesis.txt").read_text() == "work"
+
+
+def test_triton_keeps_a_folder_that_appears_while_it_writes(tmp_path, bundles, monkeypatch):
+    from utrexport import triton
+
+    output = tmp_path / "victim"
+    original = triton._write_models
+
+    def appear(*args):
+        original(*args)
+        output.mkdir(exist_ok=True)
+        (output / "thesis.txt").write_text("work")
+
+    monkeypatch.setattr(triton, "_write_models", appear)
+    with pytest.raises(triton.ServeError, match="exists; pass --force"):
+        triton.write_repository(bundles["mlm"], output, triton.RepositoryOptions(capabilities=["embed"]))
+    assert (output / "thesis.txt").read_text() == "work" and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_relative_tritonserver_path_is_not_searched_on_path(tmp_path, monkeypatch):
+    from utrexport import tritonserver
+
+    (tmp_path / "tritonserver").write_text("#!/bin/sh\n")
+    (tmp_path / "tritonserver").chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert tritonserver.find_server("./tritonserver", None, print).binary == tmp_path / "tritonserver"
+    with pytest.raises(tritonserver.ServeError, match="no such tritonserver on PATH"):
+        tritonserver.find_server("tritonserver", None, print)

@@ -30,5 +30,6 @@ u variants classifier "$input" --saturate -o saturation.parquet
 u bench mlm --shapes 1x16 --repeats 1 --e2e-sequences 0 --no-torch --no-tokenizer --no-memory > /dev/null
 u triton mlm classifier -o repository > /dev/null
 test -f repository/classifier_predict/config.pbtxt
+"$bin/python" -c "import utrexport.serve, utrexport.front, uvicorn, starlette.routing, tritonclient.grpc.aio, psutil"  # serve's front (run in make test)
 "$bin/python" -c "import utr_runtime, numpy; m = utr_runtime.load('mlm'); assert m.embed(['ACGUAGCUAG']).shape == (1, 768)"
 echo "smoke test passed: every command ran" >&2
