@@ -571,9 +571,12 @@ def to_markdown(result: dict) -> str:
         lines += ["", "Ceilings: the fastest BERT feed-forward GEMM pair (2048x768 @ 768x3072 @ 3072x768) any installed engine runs, "
                   f"per data type (NumPy fp32 matmul, for reference: {result['numpy_matmul_gflops']:.0f} GFLOP/s):", "",
                   "| data type | GFLOP/s (GOP/s) | engine, scheme | all candidates |", "|---|---:|---|---|"]
+        def scheme(dtype: str, x: dict) -> str:  # bf16 runs the fp32 GEMMs with bf16 inference: say so, not "fp32"
+            return f"{x['scheme']} model run in bf16" if dtype == "bf16" else x["scheme"]
+
         for dtype, c in result["ceilings"].items():
-            others = "; ".join(f"{x['engine']} {x['scheme']} {x['gflops']:.0f}" for x in c["candidates"])
-            lines.append(f"| {dtype} | {c['gflops']:.0f} | {c['engine']}, {c['scheme']} | {others} |")
+            others = "; ".join(f"{x['engine']} {scheme(dtype, x)} {x['gflops']:.0f}" for x in c["candidates"])
+            lines.append(f"| {dtype} | {c['gflops']:.0f} | {c['engine']}, {scheme(dtype, c)} | {others} |")
     lines += ["", "| shape | path | median ms | p90 ms | tokens/s | GFLOP/s | of its ceiling | vs first path |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["shapes"]:

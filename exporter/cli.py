@@ -105,8 +105,10 @@ def main() -> None:
     """Export 3UTRBERT to ONNX/TensorRT bundles and run them without PyTorch."""
     import signal
 
-    # SIGTERM (a scheduler's kill, a timeout) unwinds like Ctrl-C, so temporary outputs are removed, not left behind.
+    # SIGTERM (a scheduler's kill, a timeout) and Ctrl-C unwind alike, so temporary outputs are removed, not left behind,
+    # and end with the status shells give them (143, 130), which a script tells apart from an error's 1.
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, _terminated)
 
 
 def _terminated(signum, frame):
@@ -329,6 +331,7 @@ class _Regions:
         self.regions = list(read_regions(bed or gtf, "bed" if bed else "gtf", feature))
         if not self.regions:
             raise CommandError(f"{bed or gtf}: no regions")
+        self.annotation, self.where = bed or gtf, {region.id: region.where for region in self.regions}
         self.output, self.skip = output, skip
 
     def judged(self) -> list:
@@ -352,11 +355,15 @@ class _Regions:
 
         folder = os.path.dirname(os.path.abspath(self.output))
         fd, self.path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(self.output)}.regions-", suffix=".tsv")
-        with os.fdopen(fd, "w") as out:  # ids come from tab-separated cells and sequences from the genome: no tab or newline
-            out.write("id\tsequence\n")
-            for region in self.judged():
-                out.write(f"{region.id}\t{self.genome.sequence(region)}\n")
-                self.coordinates[region.id] = (region.chrom, region.start, region.end, region.strand)
+        try:
+            with os.fdopen(fd, "w") as out:  # ids come from tab-separated cells and sequences from the genome: no tab or newline
+                out.write("id\tsequence\n")
+                for region in self.judged():
+                    out.write(f"{region.id}\t{self.genome.sequence(region)}\n")
+                    self.coordinates[region.id] = (region.chrom, region.start, region.end, region.strand)
+        except BaseException:  # a bad region, a full disk, a signal: the file is this run's own, never left behind
+            os.unlink(self.path)
+            raise
         return self.path
 
     def __exit__(self, *exc) -> None:
@@ -392,15 +399,16 @@ def embed(bundle, input, output, pooling, truncate, precision, device, engine, c
           batch_tokens, chunk, threads, force, ray_address, workers, genome, bed, gtf, feature) -> None:
     """Embed the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin), or the regions of --genome with --bed
     or --gtf: one vector per sequence."""
-    _check_output(output, input or genome or "", force)
-    from .writers import open_writer
+    from .writers import FORMATS, open_writer
+
+    _check_outputs(output, input or genome or "", force, FORMATS)
 
     source, coordinates, skipped = _inputs(input, genome, bed, gtf, feature, output, skip_invalid)
     with source as path:
         runner = _Runner(bundle, "embed", dict(pooling=pooling, max_batch_tokens=batch_tokens, overlap=overlap, truncation=truncate, strict=strict),
                          dict(precision=precision, device=device, threads=threads, engine=engine), ray_address, workers, path)
         with open_writer(output, runner.hidden_size, replace=force, coordinates=coordinates) as writer:
-            _stream(path, column, chunk, runner, writer, skip_invalid, output, max_length, skipped)
+            _stream(path, column, chunk, runner, writer, skip_invalid, output, max_length, skipped, source if coordinates is not None else None)
     click.echo(f"{writer.rows} embeddings ({runner.hidden_size}-d, {pooling} pooling) written to {output}")
 
 
@@ -419,8 +427,9 @@ def predict(bundle, input, output, logits, aggregate, precision, device, engine,
             batch_tokens, chunk, threads, force, ray_address, workers, genome, bed, gtf, feature) -> None:
     """Run a fine-tuned bundle's task head on the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin), or on
     the regions of --genome with --bed or --gtf."""
-    _check_output(output, input or genome or "", force)
-    from .writers import open_prediction_writer
+    from .writers import PREDICTION_FORMATS, open_prediction_writer
+
+    _check_outputs(output, input or genome or "", force, sorted({f for formats in PREDICTION_FORMATS.values() for f in formats}))
 
     source, coordinates, skipped = _inputs(input, genome, bed, gtf, feature, output, skip_invalid)
     with source as path:
@@ -428,7 +437,7 @@ def predict(bundle, input, output, logits, aggregate, precision, device, engine,
                          dict(precision=precision, device=device, threads=threads, engine=engine), ray_address, workers, path)
         task = runner.task
         with open_prediction_writer(output, task, replace=force, coordinates=coordinates) as writer:
-            _stream(path, column, chunk, runner, writer, skip_invalid, output, max_length, skipped)
+            _stream(path, column, chunk, runner, writer, skip_invalid, output, max_length, skipped, source if coordinates is not None else None)
     what = "raw outputs" if logits else ("values" if task["problem_type"] == "regression" else "probabilities")
     click.echo(f"{task['level']}-level {what} of {writer.rows} sequences ({', '.join(task['labels'])}) written to {output}")
 
@@ -575,7 +584,7 @@ CHUNK, RAY_CHUNK = 512, 16  # --chunk defaults: on a cluster, the unit of work a
 
 
 def _stream(input: str, column: str | None, chunk: int | None, runner: _Runner, writer, skip_invalid: bool, output: str, max_length: int,
-            skipped: list[tuple[str, str]] | None = None) -> None:
+            skipped: list[tuple[str, str]] | None = None, regions: "_Regions | None" = None) -> None:
     """Read INPUT `chunk` records at a time, run them and write the results, reporting progress per batch.
 
     Records are judged before any model work: a regular file is scanned whole first (stdin or a pipe as it streams),
@@ -591,11 +600,11 @@ def _stream(input: str, column: str | None, chunk: int | None, runner: _Runner, 
 
     chunk = chunk or (RAY_CHUNK if runner.ray_address else CHUNK)
     skipped = list(skipped or [])  # records left out before this read (regions of a genome)
-    label = "stdin" if input == "-" else input  # as the readers name it
+    label = "stdin" if input == "-" else regions.annotation if regions else input  # as the readers name it; regions: their annotation
 
     def judged(name: str, reason: str) -> None:
         if not skip_invalid:
-            raise InputError(f"{label}: record {name!r}: {reason}")
+            raise InputError(f"{regions.where[name]}: region {name!r}: {reason}" if regions else f"{label}: record {name!r}: {reason}")
         skipped.append((name, reason))
 
     state = _file_state(input)
@@ -624,8 +633,8 @@ def _stream(input: str, column: str | None, chunk: int | None, runner: _Runner, 
             raise InputError(f"{label}: no valid sequences" if skipped else f"{label}: no sequences")
         if read_twice and writer.rows != valid:
             changed()
+    report = _write_skipped(output, skipped)
     if skipped:
-        report = _write_skipped(output, skipped)
         _log(f"skipped {len(skipped)} invalid record(s), listed in {report}")
     if unknown:
         _log(f"note: {unknown} sequences hold characters other than A, C, G, U, T, N; the k-mers holding them were read as <unk> (--strict refuses them)")
@@ -665,9 +674,11 @@ def variants(bundle, input, output, vcf, saturate, plot, precision, device, engi
     from . import scoring
     from .writers import ColumnsWriter
 
-    _check_output(output, input or vcf or genome or "", force)
+    _check_outputs(output, input or vcf or genome or "", force)
     if plot and not saturate:
         raise CommandError("--plot draws saturation heatmaps: use it with --saturate")
+    if plot:
+        _check_plot(plot, input or vcf or genome or "", force)
     if vcf and saturate:
         raise CommandError("--vcf scores the VCF's variants; --saturate scores every substitution: choose one")
     skipped: list[tuple[str, str]] = []
@@ -717,9 +728,10 @@ def variants(bundle, input, output, vcf, saturate, plot, precision, device, engi
                 tables.append(columns)
     if plot:
         what = next((c for c in tables[0] if c.startswith("diff")), "cosine_distance")
-        scoring.plot(jobs, _merge_tables(jobs, tables), plot, what)
+        scoring.plot_saturation(jobs, _merge_tables(jobs, tables), plot, what)
+    report = _write_skipped(output, skipped)
     if skipped:
-        _log(f"skipped {len(skipped)} invalid variant(s), listed in {_write_skipped(output, skipped)}")
+        _log(f"skipped {len(skipped)} invalid variant(s), listed in {report}")
     click.echo(f"{writer.rows} variant effects of {len(jobs)} sequence(s) written to {output}" + (f"; heatmaps in {plot}" if plot else ""))
 
 
@@ -749,7 +761,7 @@ class _VariantProgress:
         if not self.live and self.clock() - self.last >= self.LOG_INTERVAL:
             self.last = self.clock()
             rate = self.done / (self.last - self.start)
-            _log(f"{self.done:,} of {self.total:,} variants scored ({rate:.1f}/s, about {(self.total - self.done) / rate / 60:.0f} min to go)")
+            _log(f"{self.done:,} of {self.total:,} variants scored ({rate:.1f}/s, about {_duration((self.total - self.done) / rate)} to go)")
 
 
 def _judge_jobs(model, jobs: list, judged) -> list:
@@ -773,6 +785,15 @@ def _merge_tables(jobs: list, tables: list[dict]) -> list[dict]:
 LONG_RUN = 600.0  # seconds: a run expected to take longer hears of the bundle's int8, if it passed its parity check
 
 
+def _amount(nt: float) -> str:
+    """nt, knt or Mnt: whichever reads as a number a person would say."""
+    return f"{nt:,.0f} nt" if nt < 1e4 else f"{nt / 1e3:,.1f} knt" if nt < 1e7 else f"{nt / 1e6:,.2f} Mnt"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def _suggest_faster(runner: _Runner, eta: float | None) -> None:
     """On a long fp32 or fp16 run, name the bundle's int8 and what its parity check measured. The default stays fp32
     (the reference's own numbers): whether int8's agreement is enough is the user's call, made with the figure."""
@@ -780,23 +801,56 @@ def _suggest_faster(runner: _Runner, eta: float | None) -> None:
         return
     rows = [r for r in runner.bundle.manifest.get("parity", []) if r["precision"].split("/")[0] == "int8" and r["output"] == "mean_pooled"]
     if rows and all(r["passed"] for r in rows):
-        _log(f"note: about {eta / 60:.0f} min to go; this bundle's int8 passed its parity check (embeddings: minimum cosine "
+        _log(f"note: about {_duration(eta)} to go; this bundle's int8 passed its parity check (embeddings: minimum cosine "
              f"{min(r['min_cosine'] for r in rows):.4f} against PyTorch fp32) and ran 2.1-3.5x faster than fp32 in docs/benchmarks.md "
              "(x86 with AVX-512 VNNI): --precision int8")
 
 
-def _write_skipped(output: str, skipped: list[tuple[str, str]]) -> str:
-    """OUTPUT.skipped.tsv: id and reason of each record left out, written whole or not at all."""
+def _check_outputs(output: str, input: str, force: bool, formats=None) -> None:
+    """Before anything loads: the input is there, the output's format is one written, and the output and its
+    skipped-records report (outputs alike) are replaced only with --force."""
+    import os
+
+    if input and input != "-" and not os.path.exists(input):
+        raise CommandError(f"{input}: no such file")
+    if formats and os.path.splitext(output)[1].lower() not in formats:
+        raise CommandError(f"{output}: output must end in {', '.join(formats)}")
+    _check_output(output, input, force)
+    _check_output(f"{output}.skipped.tsv", input, force)
+
+
+def _check_plot(plot: str, input: str, force: bool) -> None:
+    """--plot is an output too, checked before the run: its format, matplotlib, and whether it may be replaced."""
+    import os
+
+    formats = (".png", ".pdf", ".svg")
+    if os.path.splitext(plot)[1].lower() not in formats:
+        raise CommandError(f"--plot {plot}: name a {', '.join(formats)} file (the format follows the name)")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CommandError("--plot needs matplotlib: pip install matplotlib") from None
+    _check_output(plot, input, force)
+
+
+def _write_skipped(output: str, skipped: list[tuple[str, str]]) -> str | None:
+    """OUTPUT.skipped.tsv: id and reason of each record left out, written whole or not at all. A run that skips nothing
+    removes the report of an earlier run (--force allowed replacing it), so none is left beside the new output."""
     import csv
     import io
+    import os
 
     from .writers import write_atomic
 
+    report = f"{output}.skipped.tsv"
+    if not skipped:
+        if os.path.lexists(report):
+            os.unlink(report)
+        return None
     text = io.StringIO()
     table = csv.writer(text, delimiter="\t", lineterminator="\n")
     table.writerow(["id", "reason"])
     table.writerows(skipped)
-    report = f"{output}.skipped.tsv"
     write_atomic(report, text.getvalue().encode("utf-8"))
     return report
 
@@ -1107,7 +1161,8 @@ class _Progress:
         elapsed = time.monotonic() - self.start
         done = self.nt + self.pending
         rate = done / elapsed if elapsed > 0 else 0.0
-        line = f"{self.sequences + self.pending_sequences:,} sequences, {done / 1e6:.2f} Mnt, {rate:,.0f} nt/s, {elapsed:.0f} s"
+        count = self.sequences + self.pending_sequences
+        line = f"{count:,} sequence{'s' if count != 1 else ''}, {_amount(done)}, {rate:,.0f} nt/s, {elapsed:.0f} s"
         if self.total and not final and rate > 0:
             line += f", about {min(done / self.total, 0.99):.0%} of the input, ETA {max(self.total - done, 0) / rate:.0f} s"
         _log(("done: " if final else "") + line)

@@ -69,6 +69,38 @@ def problem(region: Region) -> str | None:
     return None
 
 
+def _index_fits(path: str, index: str) -> bool:
+    """Whether a FASTA index (.fai) describes this plain FASTA: each record's header line ends where its sequence starts,
+    and its last base is inside the file. (A .fai newer than its FASTA is trusted by pyfaidx whatever it says.) A
+    compressed genome's index counts uncompressed bytes: pyfaidx checks that one itself."""
+    with open(path, "rb") as fasta:
+        if fasta.read(2) == b"\x1f\x8b":
+            return True
+        size = os.fstat(fasta.fileno()).st_size
+        try:
+            with open(index) as entries:
+                for line in entries:
+                    name, length, offset, bases, width = line.rstrip("\n").split("\t")[:5]
+                    length, offset, bases, width = int(length), int(offset), int(bases), int(width)
+                    if offset < 2 or bases < 1 or width <= bases:
+                        return False
+                    fasta.seek(offset - 1)
+                    if fasta.read(1) != b"\n":
+                        return False
+                    fasta.seek(max(0, offset - 65536))  # the header line: ">NAME[ description]"
+                    header = fasta.read(offset - fasta.tell()).rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
+                    last = offset + (length - 1) // bases * width + (length - 1) % bases if length else offset
+                    named = header.startswith(b">" + name.encode()) and header[len(name) + 1 : len(name) + 2] in (b"", b" ", b"\t")
+                    if not named or last >= size:
+                        return False
+                    fasta.seek(last)
+                    if length and fasta.read(1) in (b"\n", b"\r", b">", b""):
+                        return False
+        except (ValueError, OSError, UnicodeDecodeError):
+            return False
+    return True
+
+
 def reverse_complement(seq: str) -> str:
     return seq.translate(COMPLEMENT)[::-1]
 
@@ -83,6 +115,15 @@ class Genome:
             raise InputError("--genome needs pyfaidx: pip install 'utrexport[genome]'") from None
         if not os.path.isfile(path):
             raise InputError(f"{path}: no such genome FASTA")
+        index = f"{path}.fai"
+        if os.path.exists(index) and not _index_fits(path, index):  # written for another file with the same name (or damaged)
+            if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+                raise InputError(f"{path}: its index {index} does not fit the file (made for an older version of it?) and cannot be "
+                                 "rewritten here: index it again where it is writable (samtools faidx)")
+            os.unlink(index)
+        if not os.path.exists(index) and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            raise InputError(f"{path}: it has no index ({index}) and its folder is read-only: index it once where it is writable "
+                             "(samtools faidx), or copy it to a writable folder")
         try:
             self.fasta = pyfaidx.Fasta(path, as_raw=True, sequence_always_upper=True)
         except PermissionError:
@@ -113,15 +154,42 @@ class Genome:
 
 
 def read_regions(path: str, kind: str, feature: str | None = None) -> Iterator[Region]:
-    """Regions of a BED (kind "bed") or GTF/GFF3 file (kind "gtf")."""
-    return read_bed(path) if kind == "bed" else read_gtf(path, feature)
+    """Regions of a BED (kind "bed") or GTF/GFF3 file (kind "gtf"). Names are unique: they key every output row and
+    every variant's region, so a name given twice is an error naming both lines."""
+    seen: dict[str, str] = {}
+    for region in read_bed(path) if kind == "bed" else read_gtf(path, feature):
+        if region.id in seen:
+            raise InputError(f"{region.where}: region name {region.id!r} is also the name of {seen[region.id]}: names must be unique "
+                             "(they key the outputs); rename one")
+        seen[region.id] = region.where
+        yield region
 
 
 def _rows(path: str) -> Iterator[tuple[int, list[str]]]:
+    number = 0
     with open_text(path) as handle:
-        for number, row in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
+        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path} line {number + 1}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
+            number += 1
             if row and row[0].strip() and not row[0].startswith(("#", "track", "browser")):
                 yield number, row
+
+
+INTEGER = re.compile(r"-?[0-9]+")
+
+
+def integer(text: str, where: str, what: str = "coordinates are not integers") -> int:
+    """An integer written in ASCII digits only (int() also takes '1_0' and other scripts' digits)."""
+    text = text.strip()
+    if not INTEGER.fullmatch(text):
+        raise InputError(f"{where}: {what} ({text[:20]!r})")
+    return int(text)
 
 
 def read_bed(path: str) -> Iterator[Region]:
@@ -130,29 +198,35 @@ def read_bed(path: str) -> Iterator[Region]:
         where = f"{path} line {number}"
         if len(row) < 3:
             raise InputError(f"{where}: a BED line has at least 3 tab-separated columns (chrom, start, end), found {len(row)}")
-        try:
-            start, end = int(row[1]), int(row[2])
-            blocks = [(start, end)]
-            if len(row) >= 12 and row[9].strip():
-                count = int(row[9])
-                sizes = [int(x) for x in row[10].strip().rstrip(",").split(",")]
-                starts = [int(x) for x in row[11].strip().rstrip(",").split(",")]
-                if count != len(sizes) or count != len(starts):
-                    raise InputError(f"{where}: blockCount {count} does not match {len(sizes)} sizes and {len(starts)} starts")
-                blocks = [(start + s, start + s + size) for s, size in zip(starts, sizes)]
-                if blocks and (blocks[0][0] != start or blocks[-1][1] != end):
-                    raise InputError(f"{where}: the blocks must start at chromStart and end at chromEnd")
-        except ValueError:
-            raise InputError(f"{where}: coordinates are not integers") from None
+        start, end = integer(row[1], where), integer(row[2], where)
+        blocks = [(start, end)]
+        if len(row) >= 12 and row[9].strip():
+            count = integer(row[9], where, "blockCount is not an integer")
+            sizes = [integer(x, where, "blockSizes are not integers") for x in row[10].strip().rstrip(",").split(",")]
+            starts = [integer(x, where, "blockStarts are not integers") for x in row[11].strip().rstrip(",").split(",")]
+            if count != len(sizes) or count != len(starts):
+                raise InputError(f"{where}: blockCount {count} does not match {len(sizes)} sizes and {len(starts)} starts")
+            blocks = [(start + s, start + s + size) for s, size in zip(starts, sizes)]
+            if blocks and (blocks[0][0] != start or blocks[-1][1] != end):
+                raise InputError(f"{where}: the blocks must start at chromStart and end at chromEnd")
         strand = row[5].strip() if len(row) >= 6 else "+"
-        if strand not in ("+", "-", "."):
-            raise InputError(f"{where}: strand must be +, - or ., got {strand!r}")
+        if strand not in ("+", "-"):
+            raise InputError(f"{where}: strand must be + or - (a 3'UTR reads 5' to 3' on one strand), got {strand!r}")
         name = row[3].strip() if len(row) >= 4 and row[3].strip() else f"{row[0]}:{start}-{end}"
         yield Region(name, row[0].strip(), "-" if strand == "-" else "+", tuple(blocks), where)
 
 
-GTF_ID = re.compile(r'transcript_id\s+"?([^";]+)"?')
-GFF_PARENT = re.compile(r"(?:^|;)\s*Parent=([^;]+)")
+GTF_PAIR = re.compile(r'\s*([A-Za-z0-9_.:-]+)\s+(?:"([^"]*)"|([^;\s]+))\s*(?:;|$)')
+
+
+def attributes(column: str) -> dict[str, str]:
+    """GTF (`key "value";`) or GFF3 (`key=value;`, percent-encoded) attributes as key-value pairs: a key never matches
+    inside another key's name or value."""
+    from urllib.parse import unquote
+
+    if "=" in column.split(";")[0] or ('"' not in column and "=" in column):  # GFF3
+        return {k.strip(): unquote(v.strip()) for k, _, v in (p.partition("=") for p in column.split(";") if p.strip())}
+    return {m.group(1): m.group(2) if m.group(2) is not None else m.group(3) for m in GTF_PAIR.finditer(column)}
 
 
 def read_gtf(path: str, feature: str | None = None) -> Iterator[Region]:
@@ -168,14 +242,16 @@ def read_gtf(path: str, feature: str | None = None) -> Iterator[Region]:
         types.add(row[2])
         if row[2].lower() not in wanted:
             continue
-        found = GTF_ID.search(row[8]) or GFF_PARENT.search(row[8])
+        pairs = attributes(row[8])
+        found = pairs.get("transcript_id") or pairs.get("Parent")
         if not found:
             raise InputError(f"{where}: no transcript_id (GTF) or Parent (GFF3) attribute")
-        try:
-            start, end = int(row[3]) - 1, int(row[4])  # 1-based inclusive -> 0-based half-open
-        except ValueError:
-            raise InputError(f"{where}: coordinates are not integers") from None
-        for transcript in found.group(1).split(","):
+        start, end = integer(row[3], where) - 1, integer(row[4], where)  # 1-based inclusive -> 0-based half-open
+        if start < 0:
+            raise InputError(f"{where}: start {row[3].strip()}: GTF/GFF3 positions count from 1")
+        if row[6] not in ("+", "-"):
+            raise InputError(f"{where}: strand must be + or - (a 3'UTR reads 5' to 3' on one strand), got {row[6]!r}")
+        for transcript in found.split(","):
             transcript = transcript.strip().removeprefix("transcript:")
             group = groups.setdefault(transcript, [row[0], row[6], [], where])
             if (group[0], group[1]) != (row[0], row[6]):
@@ -185,6 +261,9 @@ def read_gtf(path: str, feature: str | None = None) -> Iterator[Region]:
         raise InputError(f"{path}: no {' or '.join(sorted(wanted))} features (it has {', '.join(sorted(types)) or 'none'}): choose one with --feature")
     for transcript, (chrom, strand, blocks, where) in groups.items():
         yield Region(transcript, chrom, "-" if strand == "-" else "+", tuple(sorted(blocks)), f"{where} (transcript {transcript})")
+
+
+NO_ALT = (".", "<*>", "<NON_REF>")  # a reference-only (or gVCF) record: no alternative allele, so no variant
 
 
 @dataclass(frozen=True)
@@ -205,7 +284,7 @@ def read_vcf(path: str) -> Iterator[VcfVariant]:
         if len(row) < 5:
             raise InputError(f"{where}: a VCF line has at least 5 tab-separated columns (CHROM POS ID REF ALT), found {len(row)}")
         chrom, pos, name, ref = row[0].strip(), row[1].strip(), row[2].strip(), row[3].strip().upper()
-        if not pos.isdigit() or int(pos) < 1:
+        if not INTEGER.fullmatch(pos) or int(pos) < 1:
             raise InputError(f"{where}: POS must be a positive integer, got {pos!r}")
         for alt in row[4].strip().upper().split(","):
             label = name if name and name != "." else f"{chrom}:{pos}:{ref}:{alt}"

@@ -8,6 +8,7 @@ so a bad one fails in seconds, naming it, or is left out with --skip-invalid.
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -15,6 +16,8 @@ import numpy as np
 
 from utr_runtime.errors import InputError
 from utr_runtime.variants import Edit, check_edit, normalize, saturation
+
+from .writers import write_atomic
 
 CHUNK = 2048  # edits scored together: fills batches, bounds memory (a long saturation reruns its reference per chunk)
 VARIANT_COLUMNS = ("id", "sequence", "position", "ref", "alt")
@@ -72,10 +75,13 @@ def table_jobs(path: str, judged: Callable[[str, str], None]) -> list[Job]:
 def vcf_jobs(vcf: str, genome, regions: list, judged: Callable[[str, str], None], log: Callable[[str], None]) -> list[Job]:
     """Each VCF variant in each region that holds it (both strands; on the minus strand the alleles are
     complemented and the position counts from the region's 5' end)."""
-    from .genome import RegionIndex, read_vcf, reverse_complement
+    from .genome import NO_ALT, RegionIndex, read_vcf, reverse_complement
 
-    index, jobs, outside, checked = RegionIndex(regions), {}, 0, {}
+    index, jobs, outside, checked, reference_only = RegionIndex(regions), {}, 0, {}, 0
     for v in read_vcf(vcf):
+        if v.alt in NO_ALT:
+            reference_only += 1
+            continue
         holding = index.holding(v.chrom, v.start)
         if not holding:
             outside += 1
@@ -111,6 +117,8 @@ def vcf_jobs(vcf: str, genome, regions: list, judged: Callable[[str, str], None]
                              "position": edit.position + 1, "ref": edit.ref, "alt": edit.alt})
     if outside:
         log(f"{outside} variant(s) lie in no region of the annotation: left out")
+    if reference_only:
+        log(f"{reference_only} reference-only record(s) (ALT '.'): no variant, left out")
     return [job for job in jobs.values() if job.edits]
 
 
@@ -150,7 +158,7 @@ def score_group(model, group: list[tuple[Job, slice]], overlap: int, max_batch_t
     return columns
 
 
-def plot(jobs: list[Job], tables: list[dict], path: str, what: str) -> None:
+def plot_saturation(jobs: list[Job], tables: list[dict], path: str, what: str) -> None:
     """A heatmap per sequence of saturation scores: alternative base x position (reference cells blank)."""
     try:
         import matplotlib
@@ -173,5 +181,7 @@ def plot(jobs: list[Job], tables: list[dict], path: str, what: str) -> None:
         fig.colorbar(image, ax=ax, label=what, pad=0.01)
     axes[-1, 0].set_xlabel("position (nt, 1-based)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # whole or not at all, beside the target (a symlink there is replaced, never written through)
+        write_atomic(path, write=lambda file: fig.savefig(file, format=os.path.splitext(path)[1][1:].lower(), dpi=120))
+    finally:
+        plt.close(fig)

@@ -161,8 +161,12 @@ class _Atomic:
         self.partial.unlink()
 
     def abort(self) -> None:
-        self.file.close()
-        self.partial.unlink(missing_ok=True)
+        try:
+            self.file.close()
+        except OSError:  # what was buffered cannot be written either (a full disk): the file goes all the same
+            pass
+        finally:
+            self.partial.unlink(missing_ok=True)
 
 
 class NumpyWriter(_Atomic):
@@ -233,16 +237,16 @@ def current_umask() -> int:
     return mask
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+def write_atomic(path: str | os.PathLike, data: bytes | None = None, write=None) -> None:
     """A file written whole or not at all, through the same safe temporary file as every output (replacing the file
-    at `path`: its callers rewrite their own files, such as a TensorRT engine or a skipped-records report)."""
+    at `path`, or a symlink there, never the file it points to): `data`, or what `write(file)` writes."""
     out = _Atomic(Path(path), replace=True)
     try:
-        out.file.write(data)
+        out.file.write(data) if write is None else write(out.file)
+        out._publish()
     except BaseException:
         out.abort()
         raise
-    out._publish()
 
 
 def _add_array(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
@@ -302,6 +306,8 @@ class ParquetWriter(_Atomic):
     def abort(self) -> None:
         try:
             self.writer.close()
+        except Exception:  # noqa: BLE001 -- its footer cannot be written (a full disk): the file is removed all the same
+            pass
         finally:
             super().abort()
 

@@ -305,7 +305,10 @@ class Model:
         ids = tok.encode(text)
         masked = np.flatnonzero(ids == tok.mask_token_id)
         if not len(masked):
-            raise InputError(f"no {tok.special_tokens[tok.mask_token_id]} token in the text")
+            mask = tok.special_tokens[tok.mask_token_id]
+            other = re.search(re.escape(mask), text, re.IGNORECASE)
+            raise InputError(f"no {mask} token in the text" + (f": {other.group()!r} is not it, the mask token is written {mask}, in lower case"
+                                                                 if other else ""))
         # Every token of the text is attended to, a <pad> written in it too: the reference tokenizer gives the text a
         # mask of ones (docs/spec.md section 7); a mask of 0 is for the padding a batch adds.
         logits = self.forward(ids[None], np.ones_like(ids)[None], masked[None])["logits"][0].astype(np.float64)
@@ -365,11 +368,11 @@ def judge(tokenizer, sequences: Sequence[str], strict: bool = False, max_kmers: 
         control = _CONTROL.search(seq)
         foreign = foreign_fraction(seq) if len(seq) >= 20 else 0.0
         if control:
-            found.append(f"control character {control.group()!r} at position {control.start()}: not a sequence (a binary file?)")
+            found.append(f"control character {control.group()!r} at position {control.start() + 1}: not a sequence (a binary file?)")
         elif foreign > MOST_FOREIGN:
             found.append(f"{foreign:.0%} of its characters are not A, C, G, U, T or N: not a nucleotide sequence")
         elif bad:
-            found.append(f"character {bad[1]!r} at position {bad[0]} is not A, C, G, U, T or N (strict mode)")
+            found.append(f"character {bad[1]!r} at position {bad[0] + 1} is not A, C, G, U, T or N (strict mode)")
         elif n < 1:
             found.append(f"no {tokenizer.k}-mer: the sequence is empty or shorter than k={tokenizer.k}")
         elif max_kmers is not None and n > max_kmers:

@@ -188,3 +188,22 @@ def test_conformance_check_of_task_outputs_can_fail(task_bundle):
     assert check(utr_runtime.load(bundle), v) == []
     v["model"]["predict"]["max_values"][0][0] += 1e-3
     assert check(utr_runtime.load(bundle), v) == ["predict, aggregate max"]
+
+
+def test_the_node_readme_example_runs_as_pasted(tiny_bundle, task_bundle, tmp_path):
+    """clients/node/README.md's example, with its two bundle paths pointed at test bundles of the same kinds (an MLM
+    bundle for embed and fillMask, a classifier for predict), run by node from clients/node as the README says."""
+    import re
+
+    readme = (NODE_CLIENT / "README.md").read_text()
+    example = re.search(r"```js\n(.*?)```", readme, re.S).group(1)
+    assert "'../../bundles/utrbert-6mer-random'" in example and "'../../bundles/classifier'" in example
+    example = example.replace("'../../bundles/utrbert-6mer-random'", repr(str(tiny_bundle(3, "pretraining"))))
+    example = example.replace("'../../bundles/classifier'", repr(str(task_bundle(3, "sequence", "binary"))))
+    script = NODE_CLIENT / f".readme-example-{os.getpid()}.mjs"  # beside src/, so './src/index.js' resolves as pasted
+    script.write_text(example + "\nconsole.log('ran');\n")
+    try:
+        done = subprocess.run(["node", str(script)], cwd=NODE_CLIENT, capture_output=True, text=True, timeout=300)
+    finally:
+        script.unlink()
+    assert done.returncode == 0 and done.stdout.strip().endswith("ran"), done.stderr[-2000:]

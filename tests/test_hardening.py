@@ -206,7 +206,7 @@ def test_readers_yield_records_or_one_clear_error(tmp_path, data):
 def test_binary_and_non_sequence_records_are_refused(tiny_bundle, tmp_path):
     model = utr_runtime.load(tiny_bundle(3, "pretraining"))
     problems = model.problems(["ACGU\x00\x01ACGU", "The quick brown fox jumps over the lazy dog", "ACGUNNRYACGUACGUACGU", "AC\udcffGUAGCUAGC"])
-    assert problems[0].startswith("control character '\\x00' at position 4")
+    assert problems[0].startswith("control character '\\x00' at position 5")
     assert "not a nucleotide sequence" in problems[1]
     assert problems[2] is None and problems[3] is None, "a few IUPAC codes or a stray character are <unk>, not an error"
     (tmp_path / "bin.fa").write_bytes(b">a\nACGU\x00\x07\x1bGGCAUU\n")

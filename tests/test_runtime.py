@@ -150,7 +150,7 @@ def test_bad_sequences_get_clear_errors(k3):
         model.embed(["ACGUA", ""])
     with pytest.raises(InputError, match="sequence 0: no 3-mer: the sequence is empty"):
         model.embed(["AC"])
-    with pytest.raises(InputError, match=r"sequence 0: character 'R' at position 2 .*strict"):
+    with pytest.raises(InputError, match=r"sequence 0: character 'R' at position 3 .*strict"):
         model.embed(["ACRGU"], strict=True)
     assert model.embed(["ACRGU"]).shape == (1, 32)  # not strict: k-mers holding R are <unk>
     with pytest.raises(InputError, match="pooling must be"):
@@ -322,7 +322,7 @@ def test_cli_skip_invalid_writes_the_valid_records_and_a_report(k3, tiny_bundle,
         np.testing.assert_allclose(data["vectors"], model.embed([s for _, s in good]), atol=1e-5)
         report = (tmp_path / "o.npz.skipped.tsv").read_text().splitlines()
         assert report[0] == "id\treason" and [line.split("\t")[0] for line in report[1:]] == ["short", good[0][0], "odd", "empty"]
-        assert "duplicate sequence id" in report[2] and "character 'X' at position 4" in report[3] and "no 3-mer" in report[1]
+        assert "duplicate sequence id" in report[2] and "character 'X' at position 5" in report[3] and "no 3-mer" in report[1]
     result = CliRunner().invoke(main, ["embed", bundle, "-", "-o", str(tmp_path / "none.npy"), "--skip-invalid"], input=">a\nAC\n")
     assert result.exit_code == 1 and "no valid sequences" in result.output and not (tmp_path / "none.npy").exists()
 

@@ -77,12 +77,12 @@ const NUCLEOTIDE = /^[ACGTUNacgtun]$/u;
 export function problem(tokenizer, sequence, { strict = false, maxKmers = null } = {}) {
   const points = Array.from(sequence);
   const control = points.findIndex((c) => CONTROL.test(c));
-  if (control >= 0) return `control character at position ${control}: not a sequence (a binary file?)`;
+  if (control >= 0) return `control character at position ${control + 1}: not a sequence (a binary file?)`;
   const foreign = points.filter((c) => !NUCLEOTIDE.test(c)).length;
   if (points.length >= 20 && 2 * foreign > points.length) return 'most of its characters are not A, C, G, U, T or N: not a nucleotide sequence';
   if (strict) {
     const at = points.findIndex((c) => !NUCLEOTIDE.test(c));
-    if (at >= 0) return `character ${JSON.stringify(points[at])} at position ${at} is not A, C, G, U, T or N (strict mode)`;
+    if (at >= 0) return `character ${JSON.stringify(points[at])} at position ${at + 1} is not A, C, G, U, T or N (strict mode)`;
   }
   const n = tokenizer.encode(sequence).length - 2;
   if (n < 1) return `no ${tokenizer.k}-mer: the sequence is empty or shorter than k=${tokenizer.k}`;
