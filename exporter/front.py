@@ -30,9 +30,10 @@ from utr_runtime import serving
 from . import kserve
 
 LIVE, READY = "/v2/health/live", "/v2/health/ready"
+BODY_TIMEOUT = 60.0  # seconds a request body may take to arrive: a client that trickles it holds a place meanwhile
 GRPC_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAVAILABLE": 503, "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499,
                "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401}
-OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+OPENAI_TYPES = {400: "invalid_request_error", 408: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
                 429: "rate_limit_error", 499: "cancelled", 503: "server_error", 500: "server_error", 504: "server_error"}
 
 
@@ -137,6 +138,10 @@ class Front:
             body = {"error": refusal.message}
         return JSONResponse(body, status_code=refusal.status, headers=refusal.headers)
 
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
     async def drain(self, timeout: float) -> int:
         """Refuse new requests (503) and wait up to `timeout` s for those in flight; returns how many were left."""
         self.draining = True
@@ -229,13 +234,20 @@ class Front:
                        code="request_too_large")
         if declared and declared.isdigit() and int(declared) > limit:
             raise over
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise over
-            chunks.append(chunk)
-        return b"".join(chunks)
+
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise over
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:
+            return await asyncio.wait_for(read(), BODY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise Refusal(408, f"the request body did not arrive within {BODY_TIMEOUT:g} s") from None
 
     @staticmethod
     def _json(body: bytes) -> dict:

@@ -175,8 +175,10 @@ async def _front(front: Front, process, options: ServeOptions, log, stop: asynci
             return contextlib.nullcontext()
 
     listening = _listen(options.host, options.http_port)
+    # limit_concurrency: past it uvicorn answers 503 without reading the request, which bounds the connections that
+    # clients may hold open (requests inside the front are bounded by max_waiting, with 429).
     config = uvicorn.Config(front, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=5,
-                            timeout_graceful_shutdown=options.drain_timeout)
+                            timeout_graceful_shutdown=options.drain_timeout, limit_concurrency=options.max_waiting + 1024)
     http = Server(config)
     serving = asyncio.ensure_future(http.serve(sockets=[listening]))
     failure: list[str] = []
@@ -200,6 +202,7 @@ async def _front(front: Front, process, options: ServeOptions, log, stop: asynci
     front.ready = False
     http.should_exit = True
     await serving
+    await front.close()
     if failure:
         raise ServeError(failure[0])
 
