@@ -17,6 +17,8 @@ import numpy as np
 
 from utr_calibration import real_sequences
 
+from .versions import tool_versions
+
 SHAPES = ((1, 128), (1, 512), (8, 128), (32, 512))
 
 
@@ -511,7 +513,7 @@ def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, dev
     paths = [make_path(key, bundle, threads, device) for key in keys]
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "threads": threads, "device": device, "engines": engines, "versions": _versions(engines),
+        "machine": machine(), "threads": threads, "device": device, "engines": engines, "versions": tool_versions([*engines, "torch", "multimolecule"]),
         "bundle": str(bundle.path), "model": {k: config[k] for k in ("k", "num_hidden_layers", "hidden_size")},
         "trained": bundle.manifest["model"]["trained"], "numpy_matmul_gflops": matmul_gflops(), "ceilings": ceilings,
         "flops_per_token_mflop": model_flops(config, 1, 1) / 1e6, "repeats": repeats,
@@ -544,18 +546,6 @@ def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, dev
         log("tokenizer: 1000 x 1000 nt")
         result["tokenizer"] = tokenizer_speed(repeats=max(3, repeats))
     return result
-
-
-def _versions(engines: list[str]) -> dict:
-    from importlib import metadata
-
-    versions = {}
-    for package in [*engines, "torch", "multimolecule"]:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 def to_markdown(result: dict) -> str:
@@ -621,7 +611,7 @@ def tokenizer_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path) -> None:
+def plot_benchmark(result: dict, path) -> None:
     """Throughput (tokens/s) per path and shape, as a grouped bar chart."""
     try:
         import matplotlib

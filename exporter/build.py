@@ -5,12 +5,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +22,7 @@ from utr_runtime.tokenizer import KmerTokenizer
 from utr_runtime.verify import verify
 
 from .checkpoints import Checkpoint
+from .versions import tool_versions
 from .writers import current_umask
 from .onnx_export import ATTENTION_FORMS, export_onnx, model_opset
 from .precision import CALIBRATION_METHODS, FP16_SCHEME, INT8_FP16, INT8_SCHEMES, export_fp16, quantize_int8, with_fp16_float_parts
@@ -292,7 +291,7 @@ def _manifest(checkpoint: Checkpoint, model, models: dict, attention: str, work:
         "models": models,
         "attention": {"form": attention, "meaning": ATTENTION_FORMS[attention]},
         "fixtures": "fixtures.npz",
-        "tools": _tool_versions(),
+        "tools": tool_versions(),
         "files": {name: sha256_file(work / name) for name in files},
     }
 
@@ -334,24 +333,47 @@ def task_record(checkpoint: Checkpoint) -> dict:
     return record
 
 
-def _tool_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for package in ("utrexport", "torch", "onnx", "onnxscript", "onnxruntime", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
+def build_from(k: int, output: str, precisions, checkpoint: str | None = None, hub_id: str | None = None, random_init: bool = False,
+               seed: int = 0, layers: int = 12, problem_type: str | None = None, calibration: "Calibration | None" = None,
+               calibration_file: str | None = None, attention: str = "fused", force: bool = False, log=print) -> Path:
+    """`utrexport build` as one call: the checkpoint (a folder, a hub id, or seeded random weights), exported to a
+    verified bundle at `output`. The output is checked before minutes of work."""
+    from . import checkpoints
+
+    check_output(Path(output), force)
+    calibration = calibration or Calibration()
+    if calibration_file:
+        from utr_runtime.sequences import read_sequences
+
+        calibration.sequences = [s for _, s in read_sequences(calibration_file)]
+        calibration.source = f"{calibration_file} (sha256 {sha256_file(calibration_file)[:16]}...)"
+        if "int8" not in precisions:
+            raise BuildError("--calibration applies to --precision int8 only")
+    if random_init:
+        log(f"random-init {k}-mer model, seed {seed}, {layers} layers (untrained)")
+        ckpt = checkpoints.from_random_init(k, seed, num_hidden_layers=layers)
+    elif checkpoint:
+        log(f"loading checkpoint {checkpoint}")
+        ckpt = checkpoints.from_folder(checkpoint, k, problem_type)
+    else:
+        hub_id = hub_id or f"multimolecule/utrbert-{k}mer"
+        log(f"fetching {hub_id} from the model hub")
+        ckpt = checkpoints.from_hub(hub_id, k, problem_type=problem_type)
+    if ckpt.config.task is not None:
+        task = ckpt.config.task
+        log(f"task head: {task.level} level, {task.problem_type}, {task.num_labels} label(s) {ckpt.labels}")
+    elif problem_type:
+        raise BuildError("--problem-type applies to checkpoints with a task head only")
+    return build_bundle(ckpt, output, precisions, force=force, log=log, calibration=calibration, attention=attention)
 
 
 def check_output(output: Path, force: bool) -> None:
     """A bundle may be written at `output`: nothing is there, or a bundle that --force allows to be replaced."""
-    if output.exists() or output.is_symlink():
-        if not force:
-            raise BuildError(f"{output} exists; pass --force to replace it")
-        if output.is_symlink() or not is_bundle(output):
-            raise BuildError(f"{output} is not a bundle; --force replaces bundles only, never other files or folders: "
-                             "choose another --output, or remove it yourself")
+    from .writers import check_output as check
+
+    check(output, force, replaceable=lambda path: None if not Path(path).is_symlink() and is_bundle(Path(path)) else
+          f"{path} is not a bundle; --force replaces bundles only, never other files or folders: choose another --output, or remove it yourself",
+          error=BuildError)
 
 
 def is_bundle(path: Path) -> bool:

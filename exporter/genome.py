@@ -318,3 +318,50 @@ class RegionIndex:
         last = self._bisect(starts, position)
         first = self._bisect(starts, position - self.longest[chrom])
         return [self.regions[i] for i in sorted({i for s, e, i in blocks[first:last] if s <= position < e})]
+
+
+class RegionFile:
+    """The sequences of a genome's regions, as a hidden TSV (id, sequence) beside `output` while a run reads it, with
+    each id's coordinates for the writer. Regions that cannot be read are errors naming their annotation line, or
+    with `skip` are listed in `skipped`."""
+
+    def __init__(self, genome: str, annotation: str, kind: str, feature: str | None, output: str, skip: bool):
+        from .records import Judge
+
+        self.genome, self.coordinates, self.annotation, self.output = Genome(genome), {}, annotation, output
+        self.regions = list(read_regions(annotation, kind, feature))
+        if not self.regions:
+            raise InputError(f"{annotation}: no regions")
+        self.where = {region.id: region.where for region in self.regions}
+        self.judge = Judge(skip, lambda name: f"{self.where[name]}: region {name!r}")
+        self.skipped = self.judge.skipped
+
+    def judged(self) -> list[Region]:
+        """The regions that can be read; the others raise, or are listed in `skipped`."""
+        good = []
+        for region in self.regions:
+            problem = self.genome.problem(region)
+            if problem:
+                self.judge(region.id, problem)
+            else:
+                good.append(region)
+        return good
+
+    def __enter__(self) -> str:
+        import tempfile
+
+        folder = os.path.dirname(os.path.abspath(self.output))
+        fd, self.path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(self.output)}.regions-", suffix=".tsv")
+        try:
+            with os.fdopen(fd, "w") as out:  # ids come from tab-separated cells and sequences from the genome: no tab or newline
+                out.write("id\tsequence\n")
+                for region in self.judged():
+                    out.write(f"{region.id}\t{self.genome.sequence(region)}\n")
+                    self.coordinates[region.id] = (region.chrom, region.start, region.end, region.strand)
+        except BaseException:  # a bad region, a full disk, a signal: the file is this run's own, never left behind
+            os.unlink(self.path)
+            raise
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        os.unlink(self.path)

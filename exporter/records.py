@@ -31,3 +31,19 @@ def valid_chunks(input: str, column: str | None, chunk: int, check, judged, skip
             seen.add(name)
         if good:
             yield good
+
+
+class Judge:
+    """What happens to a bad record, one rule for every command: an InputError naming it (`where(name)`, such as
+    "FILE: record 'x'" or "variant 'x'"), or with `skip` left out and listed in `skipped` (id, reason) for the
+    OUTPUT.skipped.tsv report."""
+
+    def __init__(self, skip: bool, where, skipped: list[tuple[str, str]] | None = None):
+        self.skip, self.where, self.skipped = skip, where, skipped if skipped is not None else []
+
+    def __call__(self, name: str, reason: str) -> None:
+        from utr_runtime.errors import InputError
+
+        if not self.skip:
+            raise InputError(f"{self.where(name)}: {reason}")
+        self.skipped.append((name, reason))

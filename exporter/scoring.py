@@ -185,3 +185,91 @@ def plot_saturation(jobs: list[Job], tables: list[dict], path: str, what: str) -
         write_atomic(path, write=lambda file: fig.savefig(file, format=os.path.splitext(path)[1][1:].lower(), dpi=120))
     finally:
         plt.close(fig)
+
+
+@dataclass
+class VariantRun:
+    """What `variants` scores and how: a variant table (`input`), the variants of a `vcf` in the `regions` of a genome,
+    or every substitution (`saturate`) of the sequences of `input` or of the regions."""
+
+    input: str | None = None
+    vcf: str | None = None
+    saturate: bool = False
+    regions: tuple | None = None  # (genome FASTA, annotation, "bed" or "gtf", feature)
+    plot: str | None = None  # with saturate: heatmaps (.png, .pdf, .svg)
+    overlap: int = 64
+    batch_tokens: int = 8192
+    max_length: int = 10_000_000
+    skip_invalid: bool = False
+    force: bool = False
+    load: dict = field(default_factory=dict)  # utr_runtime.load's precision, device, threads, engine
+
+
+def score_file(bundle: str, output: str, run: VariantRun, log=print) -> tuple[int, int]:
+    """Score the variants of `run` with a bundle into `output` (.tsv, .csv, .parquet), with the guarantees of
+    utrexport.runs (judged first, atomic output, skipped records listed, SIGTERM and Ctrl-C at once, progress).
+    Returns (variants written, sequences)."""
+    from . import runs
+    from .genome import RegionFile
+    from .interrupts import in_background
+    from .progress import Progress
+    from .records import Judge
+    from .writers import ColumnsWriter
+
+    judged = Judge(run.skip_invalid, lambda name: f"variant {name!r}")
+    regions = RegionFile(*run.regions, output, run.skip_invalid) if run.regions else None
+    if run.vcf:
+        jobs = vcf_jobs(run.vcf, regions.genome, regions.regions, judged, log)
+    elif run.saturate:
+        if regions:
+            records = [(r.id, regions.genome.sequence(r)) for r in regions.judged()]
+            judged.skipped += regions.skipped
+        else:
+            from utr_runtime.sequences import read_sequences
+
+            records = list(read_sequences(run.input, max_length=run.max_length))
+        jobs = list(saturate_jobs(iter(records)))
+    else:
+        jobs = table_jobs(run.input, judged)
+    model = runs.load(bundle, log, **run.load)
+    jobs = runnable(model, jobs, judged)
+    if not jobs:
+        raise InputError("no variants to score" + (f" ({len(judged.skipped)} skipped)" if judged.skipped else ""))
+    if run.plot and len(jobs) > 12:
+        raise InputError(f"--plot draws one heatmap per sequence, at most 12; this run has {len(jobs)}")
+    if model.task is not None and model.task["level"] != "sequence":
+        log(f"note: the {model.task['level']}-level head is not scored (p_ref, p_alt, diff, logOR are sequence-level); cosine distances are")
+    log(runs.describe(model.precision, model.engine, model.device, run.load.get("threads")))
+    tables = []
+    with ColumnsWriter(output, replace=run.force) as writer, Progress(sum(len(j.edits) for j in jobs), "variant", log) as progress:
+        for group in groups(jobs):  # the engine runs in a background thread: SIGTERM and Ctrl-C end the run at once
+            columns = in_background(score_group, model, group, run.overlap, run.batch_tokens, progress.update)
+            writer.write(columns)
+            if run.plot:
+                tables.append(columns)
+    if run.plot:
+        what = next((c for c in tables[0] if c.startswith("diff")), "cosine_distance")
+        plot_saturation(jobs, per_job(jobs, tables), run.plot, what)
+    report = runs.write_skipped(output, judged.skipped)
+    if judged.skipped:
+        log(f"skipped {len(judged.skipped)} invalid variant(s), listed in {report}")
+    return writer.rows, len(jobs)
+
+
+def runnable(model, jobs: list[Job], judged) -> list[Job]:
+    """Jobs whose sequence the model can run (section 3 of docs/spec.md); the variants of the others are judged."""
+    problems = model.problems([job.sequence for job in jobs])
+    for job, problem in zip(jobs, problems):
+        if problem:
+            for row in job.rows:
+                judged(row["id"], f"its sequence {job.sequence_id!r}: {problem}")
+    return [job for job, problem in zip(jobs, problems) if not problem]
+
+
+def per_job(jobs: list[Job], tables: list[dict]) -> list[dict]:
+    """One table per job, from the groups' tables (rows in job order)."""
+    import itertools
+
+    whole = {name: [value for t in tables for value in t[name]] for name in tables[0]}
+    starts = [0, *itertools.accumulate(len(job.edits) for job in jobs)]
+    return [{name: values[a:b] for name, values in whole.items()} for a, b in zip(starts, starts[1:])]

@@ -122,12 +122,10 @@ def _checked_bundle(bundle, options: RepositoryOptions) -> utr_runtime.Bundle:
 
 
 def _check_output(output: Path, force: bool) -> None:
-    if not (output.exists() or output.is_symlink()):
-        return
-    if not force:
-        raise ServeError(f"{output} exists; pass --force to replace it")
-    if output.is_symlink() or not (output / MARKER).is_file():
-        raise ServeError(f"{output} is not a repository utrexport wrote; --force replaces those only: choose another output")
+    from .writers import check_output
+
+    check_output(output, force, replaceable=lambda path: None if not Path(path).is_symlink() and (Path(path) / MARKER).is_file() else
+                 f"{path} is not a repository utrexport wrote; --force replaces those only: choose another output", error=ServeError)
 
 
 def _write_models(work: Path, bundle: utr_runtime.Bundle, models: dict[str, str], options: RepositoryOptions) -> None:

@@ -237,6 +237,28 @@ def current_umask() -> int:
     return mask
 
 
+def check_output(path: str | os.PathLike, force: bool, input: str | None = None, replaceable=None, error: type = UtrError) -> None:
+    """One overwrite policy for every output (a file, a bundle, a repository), checked before the work: nothing at
+    `path`; or, with --force, what `replaceable(path)` allows (it returns why not, or None; default: a regular file or
+    a symlink, which is replaced, never written through), and never the input itself."""
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return
+    if input and input != "-" and os.path.exists(input) and os.path.exists(path) and os.path.samefile(input, path):
+        raise error(f"{path} is the input {input}: writing it would destroy the input; choose another output")
+    if not force:
+        raise error(f"{path} exists; pass --force to replace it")
+    why = (replaceable or _replaceable_file)(path)
+    if why:
+        raise error(why)
+
+
+def _replaceable_file(path: str) -> str | None:
+    if os.path.islink(path) or os.path.isfile(path):
+        return None
+    return f"{path} is not a regular file (a device, a fifo, a folder?); --force replaces files only"
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | None = None, write=None) -> None:
     """A file written whole or not at all, through the same safe temporary file as every output (replacing the file
     at `path`, or a symlink there, never the file it points to): `data`, or what `write(file)` writes."""

@@ -35,6 +35,11 @@ def engine_failed(name: str, engine: str, error: Exception) -> EngineError:
 class UntrainedModelWarning(UserWarning):
     """The bundle holds untrained (random-init) weights: its outputs are fit for tests and speed, not for analysis."""
 
+    @staticmethod
+    def sentence(bundle) -> str:
+        """What every warning about such a bundle says (load, verify, a cluster run)."""
+        return f"{bundle} holds untrained (random-init) weights: its outputs are for tests and timing, not for analysis"
+
 
 class InputWarning(UserWarning):
     """Part of an input is left out or read in a way the user may not expect (e.g. a stretch shorter than k)."""

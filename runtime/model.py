@@ -46,8 +46,7 @@ def load(bundle: str | os.PathLike | Bundle, precision: str = "fp32", device: st
         runner = open_runner(bundle.read_model(name), device, threads, engine, inference_precision="bf16" if precision == "bf16" else "f32",
                              name=str(bundle.path / name))
     if not bundle.trained:
-        warnings.warn(f"{bundle.path} holds untrained (random-init) weights: its outputs are for tests and timing, not for analysis",
-                      UntrainedModelWarning, stacklevel=2)
+        warnings.warn(UntrainedModelWarning.sentence(bundle.path), UntrainedModelWarning, stacklevel=2)
     return Model(bundle, runner, precision, device)
 
 

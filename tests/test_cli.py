@@ -30,14 +30,14 @@ def test_progress_counts_sequences_as_they_finish(tiny_bundle):
 
 def test_runs_say_what_they_chose_and_long_ones_name_a_faster_passing_precision(all_precisions, tmp_path, monkeypatch):
     from conftest import real_sequences
-    from utrexport import cli
+    from utrexport import runs
 
     fasta = tmp_path / "in.fa"
     fasta.write_text("".join(f">{name}\n{seq}\n" for name, seq in real_sequences()[:6]))
     result = CliRunner().invoke(main, ["embed", str(all_precisions), str(fasta), "-o", str(tmp_path / "a.npy"), "--engine", "onnxruntime", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "running fp32 on onnxruntime (cpu, 1 thread)" in result.stderr and "--precision int8" not in result.stderr
-    monkeypatch.setattr(cli, "LONG_RUN", 0.0)  # every run counts as long
+    monkeypatch.setattr(runs, "LONG_RUN", 0.0)  # every run counts as long
     result = CliRunner().invoke(main, ["embed", str(all_precisions), str(fasta), "-o", str(tmp_path / "b.npy"), "--chunk", "2"])
     assert result.exit_code == 0, result.output
     assert "running fp32 on" in result.stderr and "int8 passed its parity check (embeddings: minimum cosine 0.99" in result.stderr

@@ -664,7 +664,7 @@ def test_an_engine_failing_while_running_is_one_line(tiny_bundle, tmp_path, monk
     with pytest.raises(utr_runtime.EngineError) as caught:
         model.embed("ACGUAGCUAGCUAGC")
     assert "failed while running it" in str(caught.value) and "\n" not in str(caught.value)
-    monkeypatch.setattr("utrexport.cli._load", lambda *a, **k: model)
+    monkeypatch.setattr("utrexport.runs.load", lambda *a, **k: model)
     (tmp_path / "in.fa").write_text(">a\nACGUAGCUAGCUAGC\n")
     result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(tmp_path / "in.fa"), "-o", str(tmp_path / "o.npz")])
     assert result.exit_code == 1 and "failed while running it" in result.output and "Traceback" not in result.output
@@ -674,18 +674,18 @@ def test_an_engine_failing_while_running_is_one_line(tiny_bundle, tmp_path, monk
 def test_a_file_that_changes_between_judging_and_running_is_an_error(tiny_bundle, tmp_path, monkeypatch):
     """A regular file is read twice (judged whole, then run): records appended between the reads were silently
     dropped (602 in, 600 out). Now the run sees the change and fails, writing nothing."""
-    from utrexport import cli
+    from utrexport import runs
 
     fasta = tmp_path / "in.fa"
     fasta.write_text("".join(f">{n}\n{s}\n" for n, s in real_sequences()[:6]))
-    results = cli._Runner.results
+    results = runs.Runner.results
 
     def appended_meanwhile(self, *args):
         with open(fasta, "a") as f:
             f.write(">late\nACGUAGCUAGCUAGGCAU\n")
         yield from results(self, *args)
 
-    monkeypatch.setattr(cli._Runner, "results", appended_meanwhile)
+    monkeypatch.setattr(runs.Runner, "results", appended_meanwhile)
     out = tmp_path / "o.npz"
     result = CliRunner().invoke(main, ["embed", str(tiny_bundle(3, "pretraining")), str(fasta), "-o", str(out), "--chunk", "2"])
     assert result.exit_code == 1 and "in.fa changed while this run read it; nothing was written" in result.output, result.output

@@ -67,10 +67,10 @@ def test_the_skipped_report_is_an_output_like_the_others(classifier, tmp_path):
 
 
 def test_inputs_and_output_formats_are_checked_before_the_model_loads(classifier, tmp_path, monkeypatch):
-    from utrexport import cli
+    from utrexport import runs
 
-    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("a model was loaded"))
-    monkeypatch.setattr(cli._Runner, "__init__", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(runs, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(runs.Runner, "__init__", lambda *a, **k: pytest.fail("a model was loaded"))
     for args, words in [(("embed", classifier, tmp_path / "nope.fa", "-o", tmp_path / "x.npz"), "nope.fa: no such file"),
                         (("embed", classifier, classifier / "manifest.json", "-o", tmp_path / "x.csv"), "x.csv: output must end in .npy, .npz, .parquet"),
                         (("predict", classifier, tmp_path / "nope.fa", "-o", tmp_path / "x.tsv"), "nope.fa: no such file")]:
@@ -158,7 +158,7 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tiny_bundle, tmp_path):
 
 
 def test_progress_counts_read_as_a_person_says_them():
-    from utrexport.cli import _amount, _duration
+    from utrexport.progress import amount, duration
 
-    assert [_amount(n) for n in (120, 9_999, 52_300, 12_345_678)] == ["120 nt", "9,999 nt", "52.3 knt", "12.35 Mnt"]
-    assert [_duration(s) for s in (12, 300, 7200)] == ["12 s", "5 min", "2.0 h"]
+    assert [amount(n) for n in (120, 9_999, 52_300, 12_345_678)] == ["120 nt", "9,999 nt", "52.3 knt", "12.35 Mnt"]
+    assert [duration(s) for s in (12, 300, 7200)] == ["12 s", "5 min", "2.0 h"]

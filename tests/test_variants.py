@@ -277,9 +277,9 @@ def test_saturation_of_regions_equals_saturation_of_their_sequences(genome, trai
 
 def test_a_long_run_reports_progress_in_a_log(trained_bundle, tmp_path, monkeypatch):
     """Outside a terminal (a log file, a cluster job) progress is a plain line every LOG_INTERVAL seconds."""
-    from utrexport import cli
+    from utrexport.progress import Progress
 
-    monkeypatch.setattr(cli._VariantProgress, "LOG_INTERVAL", 0.0)
+    monkeypatch.setattr(Progress, "LOG_INTERVAL", 0.0)
     (tmp_path / "w.fa").write_text(f">w\n{real_sequences('utrbert_dev_100nt.tsv')[0][1]}\n")
     result = run("variants", trained_bundle, tmp_path / "w.fa", "--saturate", "-o", tmp_path / "s.tsv")
     assert result.exit_code == 0 and "of 300 variants scored (" in result.output and " to go)" in result.output, result.output
