@@ -17,6 +17,7 @@ import numpy as np
 from utr_runtime.errors import InputError
 from utr_runtime.variants import Edit, check_edit, normalize, saturation
 
+from .genome import INTEGER
 from .writers import write_atomic
 
 CHUNK = 2048  # edits scored together: fills batches, bounds memory (a long saturation reruns its reference per chunk)
@@ -58,7 +59,7 @@ def table_jobs(path: str, judged: Callable[[str, str], None]) -> list[Job]:
             if len(row) < len(header):
                 raise InputError(f"{path}: line {number}: {len(row)} columns, the header has {len(header)}")
             name, seq, position = row[at["id"]].strip(), row[at["sequence"]].strip(), row[at["position"]].strip()
-            if not position.isdigit() or int(position) < 1:
+            if not INTEGER.fullmatch(position) or int(position) < 1:  # ASCII digits: isdigit() also takes other scripts' digits
                 judged(name, f"position must be a positive integer (1-based), got {position!r}")
                 continue
             edit = Edit(int(position) - 1, normalize(row[at["ref"]]), normalize(row[at["alt"]]))

@@ -90,3 +90,14 @@ def test_a_reference_only_vcf_record_is_no_variant_and_is_counted(tmp_path):
     jobs = vcf_jobs(vcf, Genome(fasta), regions, lambda name, why: judged.append((name, why)), logged.append)
     assert [row["id"] for job in jobs for row in job.rows] == ["snv"] and not judged  # not scored as a deletion
     assert logged == ["1 reference-only record(s) (ALT '.'): no variant, left out"]
+
+
+def test_a_variant_table_position_is_ascii_digits(tmp_path):
+    """'١' (an Arabic-Indic one) was read as position 1."""
+    from utrexport.scoring import table_jobs
+
+    path = write(tmp_path / "v.tsv", "id\tsequence\tposition\tref\talt\nv\tACGUACGUAC\t\u0661\tA\tG\nw\tACGUACGUAC\t1\tA\tG\n")
+    judged = []
+    jobs = table_jobs(path, lambda name, why: judged.append((name, why)))
+    assert judged == [("v", "position must be a positive integer (1-based), got '\u0661'")]
+    assert [row["id"] for job in jobs for row in job.rows] == ["w"]
