@@ -50,12 +50,16 @@ class ServedModel:
     def interface(self):
         return serving.interface(self.capability, self.hidden_size, self.task)
 
+    @property
+    def input(self) -> str:
+        """The name of the model's one input (`sequence`, or `text` for fill-mask)."""
+        return self.interface()[0][0].name
+
     def outputs_for(self, parameters: dict) -> list[str]:
         """The outputs the model answers a request with these parameters."""
-        names = [t.name for t in self.interface()[1]]
         if self.capability == "embed":
             return ["tokens", "length"] if parameters.get("pooling") == "tokens" else ["embedding"]
-        return names
+        return [t.name for t in self.interface()[1]]
 
 
 @dataclass
@@ -181,7 +185,7 @@ class Front:
             model = self._model(request)
             names = [t.name for t in model.interface()[1]]
             body = await self._body(request)
-            call = kserve.read_request(body, request.headers.get("inference-header-content-length"), model.interface()[0][0].name, names)
+            call = kserve.read_request(body, request.headers.get("inference-header-content-length"), model.input, names)
             texts = self._decoded(call.texts)
             self._check_limits(model, texts, call.parameters)
             answered = model.outputs_for(call.parameters)
@@ -285,13 +289,10 @@ class Front:
 
     @staticmethod
     def _decoded(texts: list[bytes]) -> list[str]:
-        decoded = []
-        for j, text in enumerate(texts):
-            try:
-                decoded.append(text.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise Refusal(400, f"sequence {j}: not UTF-8 text (byte {e.start})") from None
-        return decoded
+        try:
+            return serving.decode(texts)
+        except serving.RequestError as e:
+            raise Refusal(400, str(e)) from None
 
     def _check_limits(self, model: ServedModel, texts: list[str], parameters: dict) -> None:
         problem = self.options.limits.check(model.capability, texts, parameters, model.k)
@@ -319,7 +320,7 @@ class Front:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
-        tensor = grpcclient.InferInput(model.interface()[0][0].name, [len(texts), 1], "BYTES")
+        tensor = grpcclient.InferInput(model.input, [len(texts), 1], "BYTES")
         tensor.set_data_from_numpy(np.array(texts, dtype=object).reshape(-1, 1))
         wanted = [grpcclient.InferRequestedOutput(name) for name in outputs]
         work = asyncio.ensure_future(self._call(lambda client: client.infer(model.name, [tensor], outputs=wanted, parameters=parameters or None,

@@ -115,13 +115,13 @@ class Genome:
             raise InputError("--genome needs pyfaidx: pip install 'utrexport[genome]'") from None
         if not os.path.isfile(path):
             raise InputError(f"{path}: no such genome FASTA")
-        index = f"{path}.fai"
+        index, writable = f"{path}.fai", os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
         if os.path.exists(index) and not _index_fits(path, index):  # written for another file with the same name (or damaged)
-            if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            if not writable:
                 raise InputError(f"{path}: its index {index} does not fit the file (made for an older version of it?) and cannot be "
                                  "rewritten here: index it again where it is writable (samtools faidx)")
             os.unlink(index)
-        if not os.path.exists(index) and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        if not os.path.exists(index) and not writable:
             raise InputError(f"{path}: it has no index ({index}) and its folder is read-only: index it once where it is writable "
                              "(samtools faidx), or copy it to a writable folder")
         try:

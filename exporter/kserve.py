@@ -170,7 +170,7 @@ def write_answer(model: str, outputs: list[tuple[str, str, np.ndarray]], binary:
     for name, datatype, array in outputs:
         entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary_all or name in binary:
-            raw = _pack_bytes(array) if datatype == "BYTES" else np.ascontiguousarray(array, NUMPY_TYPES[datatype]().dtype.newbyteorder("<")).tobytes()
+            raw = _pack_bytes(array) if datatype == "BYTES" else np.ascontiguousarray(array, np.dtype(NUMPY_TYPES[datatype]).newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             tail.append(raw)
         else:

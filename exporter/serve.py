@@ -19,14 +19,13 @@ import contextlib
 import ipaddress
 import shutil
 import signal
-import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import utr_runtime
 
-from . import tritonserver
+from . import interrupts, tritonserver
 from .front import Front, FrontOptions, ServedModel
 from .triton import RepositoryOptions, ServeError, model_names, write_repository
 
@@ -67,8 +66,8 @@ def run(bundles, options: ServeOptions, log=print) -> None:
     if not is_loopback(options.host) and not options.api_key and not options.no_api_key:
         raise ServeError(f"serving on {options.host} (beyond this machine) needs an API key: --api-key-file FILE or $UTREXPORT_API_KEY "
                          "(or --no-api-key behind a gateway that checks one)")
-    for sig in SIGNALS[::2]:  # until the event loop takes them: unwind (remove the repository) as Ctrl-C does
-        signal.signal(sig, _unwind)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # until the event loop takes them: unwind (remove the repository) as Ctrl-C does
+        signal.signal(sig, interrupts.terminated)
     triton_host = options.host if options.expose_triton else "127.0.0.1"
     tritonserver.check_free(options.host, options.http_port, "--http-port")
     tritonserver.check_free(triton_host, options.grpc_port, "--grpc-port")
@@ -92,10 +91,6 @@ def _event_loop_run(work) -> None:
     except ImportError:
         return asyncio.run(work)
     return uvloop.run(work)
-
-
-def _unwind(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 def _served_models(bundles, repository: RepositoryOptions) -> list[ServedModel]:
@@ -174,7 +169,8 @@ async def _front(front: Front, process, options: ServeOptions, log, stop: asynci
         def capture_signals(self):
             return contextlib.nullcontext()
 
-    listening = _listen(options.host, options.http_port)
+    listening = tritonserver.bind(options.host, options.http_port, "--http-port")
+    listening.listen(1024)
     # limit_concurrency: past it uvicorn answers 503 without reading the request, which bounds the connections that
     # clients may hold open (requests inside the front are bounded by max_waiting, with 429).
     config = uvicorn.Config(front, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=5,
@@ -205,19 +201,6 @@ async def _front(front: Front, process, options: ServeOptions, log, stop: asynci
     await front.close()
     if failure:
         raise ServeError(failure[0])
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listening = socket.socket(family)
-    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listening.bind((host.strip("[]"), port))
-    except OSError as e:
-        listening.close()
-        raise ServeError(f"port {port} on {host} is {'in use (another server?)' if e.errno == 98 else e.strerror}: choose another with --http-port") from None
-    listening.listen(1024)
-    return listening
 
 
 async def _watch(front: Front, process, failure: list[str], stop: asyncio.Event) -> None:

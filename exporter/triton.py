@@ -137,7 +137,7 @@ def _write_models(work: Path, bundle: utr_runtime.Bundle, models: dict[str, str]
         version = work / name / "1"
         version.mkdir(parents=True)
         (work / name / "config.pbtxt").write_text(model_config(name, capability, hidden, bundle.task, options))
-        _write_warmup(work / name / WARMUP, capability)
+        _write_warmup(work / name / WARMUP, capability, serving.interface(capability, hidden, bundle.task)[0][0].name)
         (version / "model.py").write_text(MODEL_PY)
         shutil.copytree(runtime, version / "utr_runtime", ignore=shutil.ignore_patterns("__pycache__"))
         _link_tree(first or bundle.path, version / "bundle", ["manifest.json", *bundle.manifest["files"]])
@@ -157,7 +157,7 @@ def _link_tree(source: Path, target: Path, names: list[str]) -> None:
                 raise ServeError(f"{target / name}: cannot write it ({e.strerror or e})") from None
 
 
-def _write_warmup(folder: Path, capability: str) -> None:
+def _write_warmup(folder: Path, capability: str, input_name: str) -> None:
     """The warm-up input: a real 3'UTR's first 200 nt (one window at any k; a mask in its middle for fill-mask), as
     Triton reads a STRING element from a file: a 4-byte little-endian length, then the bytes."""
     from utr_calibration import real_sequences
@@ -166,7 +166,7 @@ def _write_warmup(folder: Path, capability: str) -> None:
     text = text[:100] + "<mask>" + text[101:] if capability == "fill_mask" else text
     folder.mkdir()
     data = text.encode()
-    (folder / serving.interface(capability, 1, {"num_labels": 1, "level": "sequence"})[0][0].name).write_bytes(len(data).to_bytes(4, "little") + data)
+    (folder / input_name).write_bytes(len(data).to_bytes(4, "little") + data)
 
 
 def model_config(name: str, capability: str, hidden_size: int, task: dict | None, options: RepositoryOptions) -> str:

@@ -172,16 +172,24 @@ class Ports:
         return cls(*ports)
 
 
+def bind(host: str, port: int, flag: str) -> socket.socket:
+    """A socket bound to `port` on `host`, or a one-line error if it is taken (another server), naming the flag that
+    chooses another."""
+    bare = host.strip("[]")
+    s = socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a port only in TIME_WAIT is free
+    try:
+        s.bind((bare, port))
+    except OSError as e:
+        s.close()
+        reason = "in use (another server?)" if e.errno == 98 else e.strerror
+        raise ServeError(f"port {port} on {host} is {reason}: choose another with {flag}") from None
+    return s
+
+
 def check_free(host: str, port: int, flag: str) -> None:
-    """A one-line error if `port` on `host` is taken (another server), naming the flag that chooses another."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a port only in TIME_WAIT is free
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            reason = "in use (another server?)" if e.errno == 98 else e.strerror
-            raise ServeError(f"port {port} on {host} is {reason}: choose another with {flag}") from None
+    """A one-line error if `port` on `host` is taken, before any work (the server binds it later)."""
+    bind(host, port, flag).close()
 
 
 def start(server: Server, repository: Path, ports: Ports, locks: Locks, host: str = "127.0.0.1", log_file=None) -> subprocess.Popen:

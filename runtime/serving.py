@@ -95,11 +95,13 @@ class Limits:
             if len(text) > self.max_length:
                 return RequestError(f"sequence {j}: {len(text):,} characters, more than this server's max_length of {self.max_length:,} "
                                     "(--max-length raises it)")
-            if capability != "fill_mask" and _LINE_BREAK.search(text):
-                return RequestError(f"sequence {j}: a line break at position {_LINE_BREAK.search(text).start() + 1}: send each sequence "
+            line_break = _LINE_BREAK.search(text) if capability != "fill_mask" else None
+            if line_break:
+                return RequestError(f"sequence {j}: a line break at position {line_break.start() + 1}: send each sequence "
                                     "as one string without line breaks (one FASTA record's lines joined)")
-        if sum(map(len, texts)) > self.max_request_nt:
-            return self._over("max_request_nt", f"{sum(map(len, texts)):,} nt")
+        total = sum(map(len, texts))
+        if total > self.max_request_nt:
+            return self._over("max_request_nt", f"{total:,} nt")
         if options.get("pooling") == "tokens" and len(texts) * max(len(t) - k + 1 for t in texts) > self.max_token_rows:
             return self._over("max_token_rows", f"a tokens answer of {len(texts):,} x {max(len(t) for t in texts) - k + 1:,} rows")
         if capability == "fill_mask":
@@ -114,6 +116,17 @@ class Limits:
 
 
 _LINE_BREAK = re.compile(r"[\r\n\v\f\x85\u2028\u2029]")
+
+
+def decode(texts: Sequence[Any]) -> list[str]:
+    """A request's sequences as text (bytes as UTF-8): what the models and `utrexport serve`'s front both read."""
+    decoded = []
+    for j, text in enumerate(texts):
+        try:
+            decoded.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+        except UnicodeDecodeError as e:
+            raise RequestError(f"sequence {j}: not UTF-8 text (byte {e.start})") from None
+    return decoded
 
 
 class Service:
@@ -170,13 +183,7 @@ class Service:
         """The request's sequences as text, each checked as the runtime would (fill-mask texts: when run)."""
         if not len(texts):
             raise RequestError("no sequences in the request")
-        decoded = []
-        for j, text in enumerate(texts):
-            try:
-                text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-            except UnicodeDecodeError as e:
-                raise RequestError(f"sequence {j}: not UTF-8 text (byte {e.start})") from None
-            decoded.append(text)
+        decoded = decode(texts)
         over = self.limits.check(self.capability, decoded, options, self.model.k)
         if over:
             raise over
