@@ -7,7 +7,11 @@ scores (its code: `calculate_diff_scores.py`):
     diff  = (p_alt - p_ref) * max(p_ref, p_alt)
     logOR = log2(p_ref / (1 - p_ref)) - log2(p_alt / (1 - p_alt))
 
-(regression heads give the values and their difference only). A substitution changes the k k-mers that hold its
+(regression heads give the values and their difference only). With a masked-LM head, `zero_shot` gives the
+pretrained model's own score of a single-nucleotide substitution (docs/spec.md section 9): the probability of each
+letter at the position with every k-mer covering it masked, and `llr = ln p_alt - ln p_ref`.
+
+A substitution changes the k k-mers that hold its
 position and nothing else: the windows of the sequence stay as they are, and only the windows holding a changed
 k-mer are run again; the others' contributions (owned rows' sums, window probabilities) are the reference's. The
 mutants' windows are batched together by the token-budget packer. An insertion or deletion moves every later k-mer
@@ -16,14 +20,16 @@ and the window plan with it: its alternative sequence is run whole.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, UtrError
 from .parity import cosine, task_outputs
-from .windows import Window, split_windows
+from .windows import Window, plan_batches, split_windows
 
 NUCLEOTIDES = "ACGU"
 EPSILON = 1e-7  # probabilities are clipped to [EPSILON, 1 - EPSILON] in logOR: a saturated sigmoid gives no infinity
@@ -205,3 +211,98 @@ def _task_scores(problem_type: str, p_ref: np.ndarray, p_alt: np.ndarray) -> dic
     ref, alt = np.clip(p_ref, EPSILON, 1 - EPSILON), np.clip(p_alt, EPSILON, 1 - EPSILON)
     return {"p_ref": p_ref, "p_alt": p_alt, "diff": (p_alt - p_ref) * np.maximum(p_ref, p_alt),
             "logOR": np.log2(ref / (1 - ref)) - np.log2(alt / (1 - alt))}
+
+
+# ------------------------------------------------------------------------------------------ zero-shot (masked LM)
+def nucleotide_probabilities(model, items: Sequence[tuple[str, Sequence[int]]], batch_size: int = 64, max_batch_tokens: int = 8192,
+                             progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """For each (sequence, positions): (len(positions), 4) probabilities of A, C, G, U at each 0-based position, from
+    the masked-LM head (docs/spec.md section 9).
+
+    One model row per position: its window (the sequence's k-mers, or `max_tokens - 2` of them around the position)
+    with every k-mer covering the position masked. Each masked k-mer's distribution is restricted to the 4^k k-mers
+    of A, C, G, U and renormalised; the letter it puts at the position is summed over; the masked k-mers' letter
+    distributions are averaged. Two positions never share a row: every token attends to every other, so a second
+    masked span would change the first's answer. Rows of many positions share each batch (the token budget).
+    progress(n) is called as positions finish.
+    """
+    if not model.bundle.has_lm_head:
+        raise UtrError("this bundle's model has no MLM head; zero-shot scores need one (build it from a MaskedLM/PreTraining checkpoint)")
+    tok, k, window = model.tokenizer, model.k, model.max_tokens - 2
+    rows, where = [], []  # model rows (ids, mask positions, offsets); (item, index) of each
+    for i, (sequence, positions) in enumerate(items):
+        ids = _reference_ids(tok, k, sequence, ())
+        for j, p in enumerate(positions):
+            if not 0 <= p < len(sequence):
+                raise InputError(f"position {p + 1} is outside the sequence (1..{len(sequence)})")
+            rows.append(masked_row(tok, ids, int(p), k, window))
+            where.append((i, j))
+    out = [np.zeros((len(positions), 4)) for _, positions in items]
+    letters = _letter_table(k)
+    for batch in plan_batches([len(r[0]) for r in rows], max_batch_tokens, batch_size):
+        input_ids, attention_mask = tok.pad([rows[b][0] for b in batch])
+        mask_positions = np.array([np.resize(rows[b][1], k) for b in batch])  # fewer than k near the ends: repeated, then dropped
+        logits = model.forward(input_ids, attention_mask, mask_positions)["logits"]
+        for b, row_logits in zip(batch, logits):
+            _, positions, offsets = rows[b]
+            i, j = where[b]
+            out[i][j] = _letters_at(row_logits[: len(positions)], offsets, letters)
+        if progress:
+            progress(len(batch))
+    return out
+
+
+def masked_row(tok, ids: np.ndarray, p: int, k: int, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model row scoring nucleotide p: (token ids with <cls>/<eos>, indices of its masked k-mers in the row, the
+    offset of p in each masked k-mer). The window is the whole sequence if it fits, else `window` k-mers centred on
+    the masked ones (moved inwards at the ends)."""
+    n = len(ids)
+    lo, hi = max(0, p - k + 1), min(p, n - 1)
+    start = 0 if n <= window else min(max(0, lo - (window - (hi - lo + 1)) // 2), n - window)
+    row = tok.with_specials(ids[start : start + window].copy())
+    covering = np.arange(lo, hi + 1)
+    row[1 + covering - start] = tok.mask_token_id
+    return row, 1 + covering - start, p - covering
+
+
+@functools.cache
+def _letter_table(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of the 4^k k-mers of A, C, G, U and, per offset, a (4^k, 4) one-hot of the letter each holds there."""
+    from .tokenizer import KmerTokenizer
+
+    kmers = ["".join(c) for c in itertools.product(NUCLEOTIDES, repeat=k)]
+    ids = np.array(KmerTokenizer(k).convert_tokens_to_ids(kmers), np.int64)
+    codes = np.array([[NUCLEOTIDES.index(c) for c in kmer] for kmer in kmers])
+    return ids, np.eye(4)[codes.T]  # (k, 4^k, 4)
+
+
+def _letters_at(logits: np.ndarray, offsets: np.ndarray, letters) -> np.ndarray:
+    """The mean over masked k-mers of the probability of each letter at the scored position (float64)."""
+    ids, one_hot = letters
+    z = logits[:, ids].astype(np.float64)
+    q = np.exp(z - z.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    return np.mean([q[m] @ one_hot[o] for m, o in enumerate(offsets)], axis=0)
+
+
+def scorable(edit: Edit) -> bool:
+    """Zero-shot scores are defined for single-nucleotide substitutions between A, C, G, U (docs/spec.md section 9)."""
+    return len(edit.ref) == len(edit.alt) == 1 and edit.ref in NUCLEOTIDES and edit.alt in NUCLEOTIDES
+
+
+def zero_shot(model, items: Sequence[tuple[str, Sequence[Edit]]], batch_size: int = 64, max_batch_tokens: int = 8192,
+              progress: Callable[[int], None] | None = None) -> list[dict[str, np.ndarray]]:
+    """Per (sequence, edits): `p_ref`, `p_alt` (the probabilities of the alleles at the masked position) and `llr` =
+    ln p_alt - ln p_ref, arrays over the edits, NaN where the score is not defined (indels, several nucleotides, N).
+    One masked row per distinct position answers every alternative there (a saturation: one row per position)."""
+    wanted = [sorted({e.position for e in edits if scorable(e)}) for _, edits in items]
+    probabilities = nucleotide_probabilities(model, [(s, p) for (s, _), p in zip(items, wanted)], batch_size, max_batch_tokens, progress)
+    results = []
+    for (_, edits), positions, p in zip(items, wanted, probabilities):
+        at = {position: row for position, row in zip(positions, p)}
+        p_ref, p_alt = np.full(len(edits), np.nan), np.full(len(edits), np.nan)
+        for m, e in enumerate(edits):
+            if scorable(e):
+                p_ref[m], p_alt[m] = at[e.position][NUCLEOTIDES.index(e.ref)], at[e.position][NUCLEOTIDES.index(e.alt)]
+        results.append({"p_ref": p_ref, "p_alt": p_alt, "llr": np.log(p_alt) - np.log(p_ref)})
+    return results
