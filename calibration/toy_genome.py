@@ -63,8 +63,11 @@ def write_toy_genome(folder: str | Path, seed: int = 7, name: str = "toy_genome"
 
 
 def _vcf(layout: dict, rng) -> str:
-    """Two substitutions in each of four 3'UTRs, an insertion, and a substitution in the filler (in no region)."""
-    lines = ["##fileformat=VCFv4.2", "##source=utr_calibration.toy_genome (made-up variants of a toy genome)", "#CHROM\tPOS\tID\tREF\tALT"]
+    """Two substitutions in each of four 3'UTRs, an insertion, and a substitution in the filler (in no region), with
+    QUAL, FILTER and an INFO field (DP) that a scored VCF must keep."""
+    lines = ["##fileformat=VCFv4.2", "##source=utr_calibration.toy_genome (made-up variants of a toy genome)",
+             *(f"##contig=<ID={chrom},length={len(bases)}>" for chrom, bases in layout["chroms"].items()),
+             '##INFO=<ID=DP,Number=1,Type=Integer,Description="Read depth (made up)">', "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO"]
     rows = []
     for utr in list(layout["originals"])[:4]:
         chrom, seq = layout["chrom"][utr], layout["originals"][utr]
@@ -78,7 +81,7 @@ def _vcf(layout: dict, rng) -> str:
     rows.append((layout["chrom"][utr], g + 1, f"{utr}_ins", base, base + "GA"))
     rows.append(("chr1", 3, "outside", layout["chroms"]["chr1"][2], "A" if layout["chroms"]["chr1"][2] != "A" else "C"))
     rows.sort(key=lambda r: (r[0], r[1]))
-    return "\n".join(lines + ["\t".join(map(str, r)) for r in rows]) + "\n"
+    return "\n".join(lines + ["\t".join(map(str, (*r, 50, "PASS", f"DP={20 + i}"))) for i, r in enumerate(rows)]) + "\n"
 
 
 if __name__ == "__main__":

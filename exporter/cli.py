@@ -236,14 +236,19 @@ def _genome_options(fn):
         click.option("--gtf", type=click.Path(dir_okay=False, path_type=str),
                      help="Regions: GTF or GFF3 features grouped by transcript (transcript_id or Parent)."),
         click.option("--feature", help="GTF/GFF3 feature type to read [default: three_prime_utr, any letter case]."),
+        click.option("--contig-map", type=click.Path(dir_okay=False, path_type=str),
+                     help="Two columns per line: a contig name as the annotation or VCF spells it, and the genome's. Without it, names "
+                          "match as written, else without a leading 'chr' and with M as MT (1 = chr1, MT = chrM)."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _regions(input: str | None, genome, bed, gtf, feature) -> tuple | None:
-    """The (genome, annotation, kind, feature) of --genome with --bed/--gtf, or None for INPUT; the flags checked."""
+def _regions(input: str | None, genome, bed, gtf, feature, contig_map=None) -> tuple | None:
+    """The (genome, annotation, kind, feature, contig map) of --genome with --bed/--gtf, or None for INPUT; the flags checked."""
+    if contig_map and not genome:
+        raise CommandError("--contig-map matches contig names to a genome's: use it with --genome")
     if not (genome or bed or gtf):
         if not input:
             raise CommandError("give INPUT (FASTA, TSV/CSV, or - for stdin), or --genome with --bed or --gtf")
@@ -254,7 +259,7 @@ def _regions(input: str | None, genome, bed, gtf, feature) -> tuple | None:
         raise CommandError("--genome reads the regions of one annotation: give --bed or --gtf")
     if not genome:
         raise CommandError("--bed and --gtf describe regions of a genome: give --genome FASTA")
-    return genome, bed or gtf, "bed" if bed else "gtf", feature
+    return genome, bed or gtf, "bed" if bed else "gtf", feature, contig_map
 
 
 def _file_options(column, max_length, skip_invalid, chunk, force, ray_address, workers, precision, device, engine, threads) -> runs.FileOptions:
@@ -272,11 +277,11 @@ def _file_options(column, max_length, skip_invalid, chunk, force, ray_address, w
 @_genome_options
 @_fail_cleanly
 def embed(bundle, input, output, pooling, truncate, precision, device, engine, column, strict, max_length, skip_invalid, overlap,
-          batch_tokens, chunk, threads, force, ray_address, workers, genome, bed, gtf, feature) -> None:
+          batch_tokens, chunk, threads, force, ray_address, workers, genome, bed, gtf, feature, contig_map) -> None:
     """Embed the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin), or the regions of --genome with --bed
     or --gtf: one vector per sequence."""
     _check_outputs(output, input or genome or "", force, FORMATS)
-    regions = _regions(input, genome, bed, gtf, feature)
+    regions = _regions(input, genome, bed, gtf, feature, contig_map)
     file = _file_options(column, max_length, skip_invalid, chunk, force, ray_address, workers, precision, device, engine, threads)
     rows, hidden = runs.embed_file(bundle, input, output, file, regions, _log, pooling=pooling, max_batch_tokens=batch_tokens, overlap=overlap,
                                    truncation=truncate, strict=strict)
@@ -295,11 +300,11 @@ def embed(bundle, input, output, pooling, truncate, precision, device, engine, c
 @_genome_options
 @_fail_cleanly
 def predict(bundle, input, output, logits, aggregate, precision, device, engine, column, strict, max_length, skip_invalid, overlap,
-            batch_tokens, chunk, threads, force, ray_address, workers, genome, bed, gtf, feature) -> None:
+            batch_tokens, chunk, threads, force, ray_address, workers, genome, bed, gtf, feature, contig_map) -> None:
     """Run a fine-tuned bundle's task head on the sequences of INPUT (FASTA, gzip FASTA, TSV/CSV, or - for stdin), or on
     the regions of --genome with --bed or --gtf."""
     _check_outputs(output, input or genome or "", force, sorted({f for formats in PREDICTION_FORMATS.values() for f in formats}))
-    regions = _regions(input, genome, bed, gtf, feature)
+    regions = _regions(input, genome, bed, gtf, feature, contig_map)
     file = _file_options(column, max_length, skip_invalid, chunk, force, ray_address, workers, precision, device, engine, threads)
     rows, task = runs.predict_file(bundle, input, output, file, regions, _log, logits=logits, aggregate=aggregate, max_batch_tokens=batch_tokens,
                                    overlap=overlap, strict=strict)
@@ -310,8 +315,11 @@ def predict(bundle, input, output, logits, aggregate, precision, device, engine,
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=str))
 @click.argument("input", metavar="[INPUT]", type=str, required=False)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str), help="Table: .tsv, .csv or .parquet.")
-@click.option("--vcf", type=click.Path(dir_okay=False, path_type=str), help="Variants of a VCF (plain or gzip), in the regions of --genome with --bed/--gtf.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Table: .tsv, .csv or .parquet; with --vcf also .vcf or .vcf.gz (the input VCF with scores in INFO/UTRBERT; .gz: "
+                   "bgzipped, with a tabix index OUTPUT.tbi).")
+@click.option("--vcf", type=click.Path(dir_okay=False, path_type=str),
+              help="Variants of a VCF (plain, gzip or bgzip), in the regions of --genome with --bed/--gtf.")
 @click.option("--saturate", is_flag=True, help="Every single-nucleotide substitution of each sequence of INPUT (or region): 3 per position.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=str), help="With --saturate: a PNG heatmap (alternative x position) per sequence (at most 12).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
@@ -323,12 +331,18 @@ def predict(bundle, input, output, logits, aggregate, precision, device, engine,
 @click.option("--max-length", type=click.IntRange(1), default=10_000_000, show_default=True, help="Longest record (nt) read.")
 @click.option("--skip-invalid", is_flag=True, help="Leave out bad variants (reference allele not matching, ...) and list them in OUTPUT.skipped.tsv.")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
+@click.option("--zero-shot/--no-zero-shot", default=True, show_default=True,
+              help="Masked-LM bundles: p_ref, p_alt and llr of each single-nucleotide substitution (one masked forward per position).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Score on a Ray cluster: join the one at ADDRESS (or 'auto'), or start a local Ray without one. Needs utrexport[ray].")
+@click.option("--workers", type=click.IntRange(1), help="With --ray: model actors [default: the cluster's CPUs // --threads, or its GPUs].")
 @_genome_options
 @_fail_cleanly
 def variants(bundle, input, output, vcf, saturate, plot, precision, device, engine, threads, overlap, batch_tokens, max_length, skip_invalid, force,
-             genome, bed, gtf, feature) -> None:
+             zero_shot, ray_address, workers, genome, bed, gtf, feature, contig_map) -> None:
     """Variant effects: for each variant, the cosine distance between the reference's and the alternative's mean
-    embeddings and, for a sequence-level task head, p_ref, p_alt, diff and logOR (the 3UTRBERT paper's scores).
+    embeddings; for a sequence-level task head, p_ref, p_alt, diff and logOR (the 3UTRBERT paper's scores); for a
+    masked-LM bundle, the zero-shot p_ref, p_alt and llr = ln p_alt - ln p_ref of single-nucleotide substitutions.
 
     \b
     Variants come from INPUT, a TSV/CSV with columns id, sequence, position (1-based), ref, alt;
@@ -336,14 +350,20 @@ def variants(bundle, input, output, vcf, saturate, plot, precision, device, engi
     or with --saturate, every substitution of the sequences of INPUT (FASTA, TSV/CSV) or of the regions.
     Substitutions rerun only the windows that hold them; insertions and deletions rerun the edited sequence whole.
     """
-    _check_outputs(output, input or vcf or genome or "", force)
+    _check_outputs(output, input or vcf or genome or "", force, scoring.VARIANT_FORMATS)
+    if output.lower().endswith((".gz", ".bgz")):
+        check_output(f"{output}.tbi", force, vcf or "", error=CommandError)
+    if output.lower().endswith(scoring.VCF_FORMATS) and not vcf:
+        raise CommandError(f"{output}: a VCF output annotates the --vcf input; write a table (.tsv, .csv, .parquet) for other inputs")
+    if workers and not ray_address:
+        raise CommandError("--workers sizes the Ray actor pool: use it with --ray")
     if plot and not saturate:
         raise CommandError("--plot draws saturation heatmaps: use it with --saturate")
     if plot:
         _check_plot(plot, input or vcf or genome or "", force)
     if vcf and saturate:
         raise CommandError("--vcf scores the VCF's variants; --saturate scores every substitution: choose one")
-    regions = _regions(input, genome, bed, gtf, feature) if (genome or bed or gtf) else None
+    regions = _regions(input, genome, bed, gtf, feature, contig_map) if (genome or bed or gtf or contig_map) else None
     if vcf and not regions:
         raise CommandError("--vcf places variants on regions of a genome: give --genome and --bed or --gtf")
     if not (input or regions):
@@ -351,8 +371,8 @@ def variants(bundle, input, output, vcf, saturate, plot, precision, device, engi
     if regions and not (vcf or saturate):
         raise CommandError("with --genome, give --vcf (the variants) or --saturate (every substitution of each region)")
     run = scoring.VariantRun(input=input, vcf=vcf, saturate=saturate, regions=regions, plot=plot, overlap=overlap, batch_tokens=batch_tokens,
-                             max_length=max_length, skip_invalid=skip_invalid, force=force,
-                             load=dict(precision=precision, device=device, threads=threads, engine=engine))
+                             max_length=max_length, skip_invalid=skip_invalid, force=force, zero_shot=zero_shot, ray_address=ray_address,
+                             workers=workers, load=dict(precision=precision, device=device, threads=threads, engine=engine))
     rows, sequences = scoring.score_file(bundle, output, run, _log)
     click.echo(f"{rows} variant effects of {sequences} sequence(s) written to {output}" + (f"; heatmaps in {plot}" if plot else ""))
 
@@ -362,7 +382,7 @@ def _check_outputs(output: str, input: str, force: bool, formats=None) -> None:
     skipped-records report (outputs alike) are replaced only with --force."""
     if input and input != "-" and not os.path.exists(input):
         raise CommandError(f"{input}: no such file")
-    if formats and os.path.splitext(output)[1].lower() not in formats:
+    if formats and not output.lower().endswith(tuple(formats)):
         raise CommandError(f"{output}: output must end in {', '.join(formats)}")
     check_output(output, force, input, error=CommandError)
     check_output(f"{output}.skipped.tsv", force, input, error=CommandError)

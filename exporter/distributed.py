@@ -191,3 +191,51 @@ def run_file(operation: str, bundle: str, path: str, *, column, chunk: int, max_
         expected += len(index)
         result = batch["result"]
         yield [str(n) for n in batch["id"]], [str(s) for s in batch["sequence"]], (list(result) if result.dtype == object else result)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class _VariantActor:
+    """One utr_runtime model; each call scores one group of variants (utrexport.scoring.score_group)."""
+
+    def __init__(self, bundle: str, load_options: dict):
+        import utr_runtime
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", utr_runtime.UntrainedModelWarning)  # the driver has said so once
+            self.model = utr_runtime.load(bundle, **load_options)
+
+    def score(self, group, overlap: int, max_batch_tokens: int, zero_shot: bool) -> dict:
+        from .scoring import score_group
+
+        return score_group(self.model, group, overlap, max_batch_tokens, lambda n: None, zero_shot=zero_shot)
+
+
+def score_groups(bundle: str, groups, load_options: dict, workers: int | None, overlap: int, max_batch_tokens: int,
+                 zero_shot: bool) -> Iterator[tuple[list, dict]]:
+    """(group, its columns) for each group of variants (utrexport.scoring.groups), in order, scored by a pool of
+    actors on the cluster `start` joined: each group is scored whole by one actor, exactly as in one process (a
+    sequence's reference and its mutants meet in the same batches), so the table is the same. A killed actor is
+    restarted and its group scored again."""
+    from ray.util import ActorPool
+
+    gpu = load_options["device"] != "cpu"
+    threads = load_options.get("threads") or 1
+    groups = [[(_trimmed(job, piece), slice(0, piece.stop - piece.start)) for job, piece in group] for group in groups]
+    if workers is None:
+        workers = max(1, int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1) // (1 if gpu else threads)))
+    workers = min(workers, len(groups))
+    options = {**load_options, "threads": threads}
+    actors = [_VariantActor.options(num_cpus=threads, num_gpus=1 if gpu else 0).remote(os.path.abspath(bundle), options) for _ in range(workers)]
+    pool = ActorPool(actors)
+    try:
+        yield from zip(groups, pool.map(lambda actor, group: actor.score.remote(group, overlap, max_batch_tokens, zero_shot), groups))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _trimmed(job, piece: slice):
+    """The part of a job a group scores: an actor is sent that piece's edits, not the whole saturation's."""
+    import dataclasses
+
+    return dataclasses.replace(job, edits=job.edits[piece], rows=job.rows[piece])

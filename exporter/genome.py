@@ -108,7 +108,7 @@ def reverse_complement(seq: str) -> str:
 class Genome:
     """An indexed genome FASTA: sequences of regions, checked against its chromosomes."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, contig_map: str | None = None):
         try:
             import pyfaidx
         except ImportError:
@@ -134,6 +134,7 @@ class Genome:
                              "gzip genomes must be bgzip-compressed (bgzip, and pip install biopython)") from None
         self.path = path
         self.lengths = {name: len(self.fasta[name]) for name in self.fasta.keys()}
+        self.contigs = Contigs(self.lengths, read_contig_map(contig_map, self.lengths) if contig_map else None)
 
     def problem(self, region: Region) -> str | None:
         why = problem(region)
@@ -263,34 +264,46 @@ def read_gtf(path: str, feature: str | None = None) -> Iterator[Region]:
         yield Region(transcript, chrom, "-" if strand == "-" else "+", tuple(sorted(blocks)), f"{where} (transcript {transcript})")
 
 
-NO_ALT = (".", "<*>", "<NON_REF>")  # a reference-only (or gVCF) record: no alternative allele, so no variant
+def canonical(name: str) -> str:
+    """A contig's name as the rule of `Contigs` compares it: without a leading 'chr' (any case), M as MT."""
+    bare = name[3:] if name[:3].lower() == "chr" and len(name) > 3 else name
+    return "MT" if bare.upper() in ("M", "MT") else bare
 
 
-@dataclass(frozen=True)
-class VcfVariant:
-    id: str
-    chrom: str
-    start: int  # 0-based position of the reference allele's first base
-    ref: str  # as in the VCF (genome strand)
-    alt: str
-    where: str
+class Contigs:
+    """The genome's name for a contig as a VCF or an annotation spells it: the same name; else the one `mapping`
+    (--contig-map) gives; else the genome's only contig whose name is the same without a leading 'chr' and with M
+    read as MT (so 1 and chr1, MT and chrM, X and chrX meet); else None."""
+
+    def __init__(self, names, mapping: dict[str, str] | None = None):
+        self.names, self.mapping = set(names), dict(mapping or {})
+        by_canonical: dict[str, list[str]] = {}
+        for name in self.names:
+            by_canonical.setdefault(canonical(name), []).append(name)
+        self.by_canonical = {key: found[0] for key, found in by_canonical.items() if len(found) == 1}
+
+    def __call__(self, name: str) -> str | None:
+        if name in self.names:
+            return name
+        if name in self.mapping:
+            return self.mapping[name] if self.mapping[name] in self.names else None
+        return self.by_canonical.get(canonical(name))
 
 
-def read_vcf(path: str) -> Iterator[VcfVariant]:
-    """The variants of a VCF (plain, gzip or bgzip): CHROM, POS, ID, REF and each ALT of a line (the other columns
-    are not read). An ID of '.' becomes chrom:pos:ref:alt."""
+def read_contig_map(path: str, genome_names) -> dict[str, str]:
+    """--contig-map: two whitespace-separated columns per line, a name as the VCF or annotation spells it and the
+    genome's name for it ('#' starts a comment)."""
+    mapping = {}
     for number, row in _rows(path):
-        where = f"{path} line {number}"
-        if len(row) < 5:
-            raise InputError(f"{where}: a VCF line has at least 5 tab-separated columns (CHROM POS ID REF ALT), found {len(row)}")
-        chrom, pos, name, ref = row[0].strip(), row[1].strip(), row[2].strip(), row[3].strip().upper()
-        if not INTEGER.fullmatch(pos) or int(pos) < 1:
-            raise InputError(f"{where}: POS must be a positive integer, got {pos!r}")
-        for alt in row[4].strip().upper().split(","):
-            label = name if name and name != "." else f"{chrom}:{pos}:{ref}:{alt}"
-            if len(row[4].split(",")) > 1 and name and name != ".":
-                label = f"{name}:{alt}"
-            yield VcfVariant(label, chrom, int(pos) - 1, ref, alt, where)
+        cells = row[0].split() if len(row) == 1 else [c.strip() for c in row]
+        if len(cells) != 2:
+            raise InputError(f"{path} line {number}: a contig map line has two columns (the name used, the genome's name), found {len(cells)}")
+        if cells[1] not in genome_names:
+            raise InputError(f"{path} line {number}: {cells[1]!r} is not a contig of the genome")
+        mapping[cells[0]] = cells[1]
+    if not mapping:
+        raise InputError(f"{path}: no contig names")
+    return mapping
 
 
 class RegionIndex:
@@ -325,11 +338,15 @@ class RegionFile:
     each id's coordinates for the writer. Regions that cannot be read are errors naming their annotation line, or
     with `skip` are listed in `skipped`."""
 
-    def __init__(self, genome: str, annotation: str, kind: str, feature: str | None, output: str, skip: bool):
+    def __init__(self, regions: tuple, output: str, skip: bool):
+        import dataclasses
+
         from .records import Judge
 
-        self.genome, self.coordinates, self.annotation, self.output = Genome(genome), {}, annotation, output
-        self.regions = list(read_regions(annotation, kind, feature))
+        genome, annotation, kind, feature, contig_map = (*regions, None)[:5]  # (genome, annotation, "bed"/"gtf", feature[, contig map])
+        self.genome, self.coordinates, self.annotation, self.output = Genome(genome, contig_map), {}, annotation, output
+        # the genome's names for the annotation's contigs (Contigs); an unknown one stays, and is judged as missing
+        self.regions = [dataclasses.replace(r, chrom=self.genome.contigs(r.chrom) or r.chrom) for r in read_regions(annotation, kind, feature)]
         if not self.regions:
             raise InputError(f"{annotation}: no regions")
         self.where = {region.id: region.where for region in self.regions}

@@ -84,7 +84,7 @@ class Progress:
         rate = done / elapsed if elapsed > 0 else 0.0
         if self.unit != "nt":
             left = f", about {duration((self.total - done) / rate)} to go" if rate > 0 else ""
-            return f"{done:,} of {self.total:,} {self.unit}s scored ({rate:.1f}/s{left})"
+            return f"{done:,.0f} of {self.total:,} {self.unit}s scored ({rate:.1f}/s{left})"
         count = self.sequences + self.pending_sequences
         line = f"{count:,} sequence{'s' if count != 1 else ''}, {amount(done)}, {rate:,.0f} nt/s, {elapsed:.0f} s"
         if self.total and not final and rate > 0:

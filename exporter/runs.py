@@ -83,7 +83,10 @@ class Runner:
             self.bundle = self.model.bundle
             self.choice = describe(self.model.precision, self.model.engine, self.model.device, load_options["threads"])
         else:
-            self.bundle = self._start_ray(bundle, input)
+            if input == "-" or (os.path.exists(input) and file_state(input) is None):
+                raise UtrError("--ray reads a regular file (the cluster's reader cannot read this process's stdin or a pipe); "
+                               "write the sequences to a file")
+            self.bundle = start_ray(bundle, load_options, ray_address, log)
             engine = choose_engine(load_options["engine"], load_options["device"], load_options["precision"])
             self.choice = describe(load_options["precision"], engine, load_options["device"], load_options["threads"] or 1, " in each Ray worker")
         self.task = self.bundle.task
@@ -93,25 +96,6 @@ class Runner:
         self.hidden_size = int(self.bundle.manifest["model"]["config"]["hidden_size"])
         contact = self.task is not None and self.task["level"] == "contact" and operation == "predict"
         self.max_kmers = self.bundle.max_tokens - 2 if contact else None
-
-    def _start_ray(self, bundle: str, input: str):
-        import importlib.util
-
-        if importlib.util.find_spec("ray") is None:
-            raise UtrError("--ray needs Ray: pip install 'utrexport[ray]'")
-        if input == "-" or (os.path.exists(input) and file_state(input) is None):
-            raise UtrError("--ray reads a regular file (the cluster's reader cannot read this process's stdin or a pipe); "
-                           "write the sequences to a file")
-        if self.load_options["device"] == "tensorrt":
-            raise UtrError("--ray with --device tensorrt is not supported yet: TensorRT engines are built per GPU; use --device cuda")
-        opened = utr_runtime.Bundle(bundle)
-        opened.check_files()  # every file, before any worker starts
-        if not opened.trained:
-            self.log(f"warning: {utr_runtime.UntrainedModelWarning.sentence(opened.path)}")
-        from . import distributed
-
-        distributed.start(None if self.ray_address == "local" else self.ray_address, self.log)
-        return opened
 
     def problems(self, seqs: list[str]) -> list[str | None]:
         return judge(self.tokenizer, seqs, self.options["strict"], self.max_kmers)[1]
@@ -147,6 +131,24 @@ class Runner:
         return result, task_outputs(self.task["problem_type"], result) if self.options["logits"] else result
 
 
+def start_ray(bundle: str, load_options: dict, address: str, log=print) -> utr_runtime.Bundle:
+    """Join (or start, address "local") the Ray cluster a run uses; the bundle opened and every file checked first."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise UtrError("--ray needs Ray: pip install 'utrexport[ray]'")
+    if load_options["device"] == "tensorrt":
+        raise UtrError("--ray with --device tensorrt is not supported yet: TensorRT engines are built per GPU; use --device cuda")
+    opened = utr_runtime.Bundle(bundle)
+    opened.check_files()  # every file, before any worker starts
+    if not opened.trained:
+        log(f"warning: {utr_runtime.UntrainedModelWarning.sentence(opened.path)}")
+    from . import distributed
+
+    distributed.start(None if address == "local" else address, log)
+    return opened
+
+
 def embed_file(bundle: str, input: str | None, output: str, file: FileOptions = FileOptions(), regions: tuple | None = None, log=print,
                **options) -> tuple[int, int]:
     """Embeddings of every sequence of `input` (FASTA, TSV/CSV, "-" for stdin), or of the `regions` of a genome
@@ -167,7 +169,7 @@ def _run_file(bundle, operation, input, output, file: FileOptions, regions, log,
 
     from .genome import RegionFile
 
-    source = RegionFile(*regions, output, file.skip_invalid) if regions else contextlib.nullcontext(input)
+    source = RegionFile(regions, output, file.skip_invalid) if regions else contextlib.nullcontext(input)
     coordinates = source.coordinates if regions else None
     load_options = {"precision": "fp32", "device": "cpu", "threads": None, "engine": "auto", **file.load}
     options = {"strict": False, **({"logits": False} if operation == "predict" else {}), **options}

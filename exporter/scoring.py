@@ -18,8 +18,10 @@ from utr_runtime.errors import InputError
 from utr_runtime.variants import Edit, check_edit, normalize, saturation
 
 from .genome import INTEGER
+from .vcf import FORMATS as VCF_FORMATS
 from .writers import write_atomic
 
+VARIANT_FORMATS = (".tsv", ".csv", ".parquet", *VCF_FORMATS)  # a table, or the input VCF annotated
 CHUNK = 2048  # edits scored together: fills batches, bounds memory (a long saturation reruns its reference per chunk)
 VARIANT_COLUMNS = ("id", "sequence", "position", "ref", "alt")
 
@@ -73,19 +75,35 @@ def table_jobs(path: str, judged: Callable[[str, str], None]) -> list[Job]:
     return list(jobs.values())
 
 
+LEFT_OUT = {  # why a VCF's variant is not scored, as the run's summary says it
+    "reference_only": "reference-only (ALT '.')",
+    "symbolic": "symbolic or missing allele (<DEL>, *, breakends)",
+    "unknown_contig": "on a contig the genome lacks",
+    "no_region": "in no region of the annotation",
+}
+
+
 def vcf_jobs(vcf: str, genome, regions: list, judged: Callable[[str, str], None], log: Callable[[str], None]) -> list[Job]:
     """Each VCF variant in each region that holds it (both strands; on the minus strand the alleles are
-    complemented and the position counts from the region's 5' end)."""
-    from .genome import NO_ALT, RegionIndex, read_vcf, reverse_complement
+    complemented and the position counts from the region's 5' end). The VCF's contigs are the genome's by the rule
+    of genome.Contigs. What is left out is counted by reason and said; if nothing lands anywhere, the error names the
+    likely cause."""
+    from .genome import RegionIndex, reverse_complement
+    from .vcf import NO_ALT, read_vcf
 
-    index, jobs, outside, checked, reference_only = RegionIndex(regions), {}, 0, {}, 0
+    index, jobs, checked = RegionIndex(regions), {}, {}
+    left_out, unknown, variants, mismatched = {reason: 0 for reason in LEFT_OUT}, {}, 0, 0
     for v in read_vcf(vcf):
-        if v.alt in NO_ALT:
-            reference_only += 1
-            continue
-        holding = index.holding(v.chrom, v.start)
-        if not holding:
-            outside += 1
+        variants += 1
+        chrom = genome.contigs(v.chrom)
+        reason = ("reference_only" if v.alt in NO_ALT else "symbolic" if v.symbolic else "unknown_contig" if chrom is None else None)
+        holding = index.holding(chrom, v.start) if reason is None else []
+        if reason is None and not holding:
+            reason = "no_region"
+        if reason:
+            left_out[reason] += 1
+            if reason == "unknown_contig":
+                unknown[v.chrom] = unknown.get(v.chrom, 0) + 1
             continue
         for region in holding:
             if region.id not in checked:
@@ -93,16 +111,14 @@ def vcf_jobs(vcf: str, genome, regions: list, judged: Callable[[str, str], None]
             if checked[region.id]:
                 judged(v.id, f"region {region.id} ({region.where}): {checked[region.id]}")
                 continue
-            if any(c == "<" or c == "*" for c in v.alt) or not v.ref:
-                judged(v.id, f"symbolic or missing allele {v.ref or '-'}>{v.alt}: only sequence alleles are scored")
-                continue
             last = v.start + len(v.ref) - 1
             first_at, last_at = region.offset(v.start), region.offset(last)
             if last_at is None or abs(last_at - first_at) != len(v.ref) - 1:
                 judged(v.id, f"its reference allele runs past a block of region {region.id}")
                 continue
-            on_genome = genome.base(v.chrom, v.start, v.start + len(v.ref)).upper()
+            on_genome = genome.base(chrom, v.start, v.start + len(v.ref)).upper()
             if on_genome != v.ref:
+                mismatched += 1
                 judged(v.id, f"reference allele {v.ref} does not match the genome, which holds {on_genome} at {v.chrom}:{v.start + 1}")
                 continue
             minus = region.strand == "-"
@@ -115,12 +131,28 @@ def vcf_jobs(vcf: str, genome, regions: list, judged: Callable[[str, str], None]
                 continue
             job.edits.append(edit)
             job.rows.append({"id": v.id, "region": region.id, "chrom": v.chrom, "pos": v.start + 1, "strand": region.strand,
-                             "position": edit.position + 1, "ref": edit.ref, "alt": edit.alt})
-    if outside:
-        log(f"{outside} variant(s) lie in no region of the annotation: left out")
-    if reference_only:
-        log(f"{reference_only} reference-only record(s) (ALT '.'): no variant, left out")
+                             "position": edit.position + 1, "ref": edit.ref, "alt": edit.alt,
+                             "_record": v.record, "_allele": v.allele, "_vcf_alt": v.alt})  # for the annotated VCF, not the table
+    said = [f"{n} {LEFT_OUT[reason]}" for reason, n in left_out.items() if n]
+    if unknown:
+        names = sorted(unknown, key=unknown.get, reverse=True)
+        said[[r for r, n in left_out.items() if n].index("unknown_contig")] += f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+    if said:
+        log(f"{vcf}: {variants} variant(s); left out: {'; '.join(said)}" + (f"; {mismatched} reference mismatch(es) skipped" if mismatched else ""))
+    if variants and not any(job.edits for job in jobs.values()) and not mismatched:
+        raise InputError(f"{vcf}: no variant lies in a region: {_likely_cause(left_out, unknown, variants, genome, regions)}")
     return [job for job in jobs.values() if job.edits]
+
+
+def _likely_cause(left_out: dict, unknown: dict, variants: int, genome, regions: list) -> str:
+    if left_out["unknown_contig"] * 2 >= variants:
+        return (f"its contigs ({', '.join(sorted(unknown)[:5])}) are not the genome's ({', '.join(sorted(genome.lengths)[:5])}"
+                f"{', ...' if len(genome.lengths) > 5 else ''}): map them with --contig-map FILE (two columns: VCF name, genome name)")
+    if left_out["no_region"]:
+        contigs = sorted({r.chrom for r in regions})
+        return (f"{left_out['no_region']} fall outside every region (on {', '.join(contigs[:5])}{', ...' if len(contigs) > 5 else ''}): "
+                "are the VCF, the genome and the annotation of the same assembly (GRCh38 or GRCh37)?")
+    return "every record is reference-only or symbolic"
 
 
 def groups(jobs: list[Job]) -> Iterator[list[tuple[Job, slice]]]:
@@ -139,14 +171,19 @@ def groups(jobs: list[Job]) -> Iterator[list[tuple[Job, slice]]]:
         yield group
 
 
-def score_group(model, group: list[tuple[Job, slice]], overlap: int, max_batch_tokens: int, progress: Callable[[int], None],
-                spare: bool = True) -> dict:
-    """The table's columns for a group of edits: the naming columns, cosine_distance and the task scores."""
-    from utr_runtime.variants import effects_of
+def score_group(model, group: list[tuple[Job, slice]], overlap: int, max_batch_tokens: int, progress: Callable[[float], None],
+                spare: bool = True, zero_shot: bool = True) -> dict:
+    """The table's columns for a group of edits: the naming columns, cosine_distance, the task scores and, for a
+    masked-LM bundle (unless zero_shot=False), the zero-shot p_ref, p_alt and llr. progress(n) adds variants done
+    (halves where both the cosine and the zero-shot score are computed)."""
+    from utr_runtime import variants
 
+    items = [(job.sequence, job.edits[piece]) for job, piece in group]
     labels = model.task["labels"] if model.task is not None and model.task["level"] == "sequence" else []
-    scores = effects_of(model, [(job.sequence, job.edits[piece]) for job, piece in group], overlap=overlap,
-                        max_batch_tokens=max_batch_tokens, spare=spare, progress=progress)
+    lm = zero_shot and model.bundle.has_lm_head
+    share = 0.5 if lm else 1.0
+    scores = variants.effects_of(model, items, overlap=overlap, max_batch_tokens=max_batch_tokens, spare=spare,
+                                 progress=lambda n: progress(share * n))
     rows = [row for job, piece in group for row in job.rows[piece]]
     columns = {name: [row[name] for row in rows] for name in rows[0]}
     columns["cosine_distance"] = np.concatenate([s["cosine_distance"] for s in scores]).astype(np.float64).tolist()
@@ -156,7 +193,29 @@ def score_group(model, group: list[tuple[Job, slice]], overlap: int, max_batch_t
         values = np.concatenate([np.broadcast_to(s[name], (len(s["cosine_distance"]), len(labels))) for s in scores])
         for i, label in enumerate(labels):
             columns[name if len(labels) == 1 else f"{name}_{label}"] = values[:, i].astype(np.float64).tolist()
+    if lm:
+        import collections
+
+        per_position = [collections.Counter(e.position for e in edits if variants.scorable(e)) for _, edits in items]
+        progress(share * (len(rows) - sum(sum(c.values()) for c in per_position)))  # indels and the like: no zero-shot score
+        done = lambda n: progress(share * n)  # noqa: E731  (rows finish per position; each answers its variants)
+        lm_scores = variants.zero_shot(model, items, max_batch_tokens=max_batch_tokens, progress=_PositionProgress(per_position, done))
+        prefix = "lm_" if labels else ""  # a bundle with both heads keeps the task's p_ref and p_alt
+        for name in ("p_ref", "p_alt", "llr"):
+            columns[prefix + name] = np.concatenate([s[name] for s in lm_scores]).astype(np.float64).tolist()
     return columns
+
+
+class _PositionProgress:
+    """zero_shot's progress (masked rows, one per position, in the order of the items' sorted positions) as variants."""
+
+    def __init__(self, per_position: list, done: Callable[[float], None]):
+        self.weights = [per[p] for per in per_position for p in sorted(per)]
+        self.at, self.done = 0, done
+
+    def __call__(self, rows: int) -> None:
+        self.done(sum(self.weights[self.at : self.at + rows]))
+        self.at += rows
 
 
 def plot_saturation(jobs: list[Job], tables: list[dict], path: str, what: str) -> None:
@@ -196,29 +255,39 @@ class VariantRun:
     input: str | None = None
     vcf: str | None = None
     saturate: bool = False
-    regions: tuple | None = None  # (genome FASTA, annotation, "bed" or "gtf", feature)
+    regions: tuple | None = None  # (genome FASTA, annotation, "bed" or "gtf", feature[, contig map])
     plot: str | None = None  # with saturate: heatmaps (.png, .pdf, .svg)
     overlap: int = 64
     batch_tokens: int = 8192
     max_length: int = 10_000_000
     skip_invalid: bool = False
     force: bool = False
+    zero_shot: bool = True  # masked-LM bundles: p_ref, p_alt, llr
+    ray_address: str | None = None  # "local", an address, or None: this process
+    workers: int | None = None
     load: dict = field(default_factory=dict)  # utr_runtime.load's precision, device, threads, engine
 
 
 def score_file(bundle: str, output: str, run: VariantRun, log=print) -> tuple[int, int]:
-    """Score the variants of `run` with a bundle into `output` (.tsv, .csv, .parquet), with the guarantees of
-    utrexport.runs (judged first, atomic output, skipped records listed, SIGTERM and Ctrl-C at once, progress).
-    Returns (variants written, sequences)."""
+    """Score the variants of `run` with a bundle into `output`: a table (.tsv, .csv, .parquet), or with `vcf` the input
+    VCF annotated (.vcf, or .vcf.gz: bgzipped and tabix-indexed), with the guarantees of utrexport.runs (judged first,
+    atomic output, skipped records listed, SIGTERM and Ctrl-C at once, progress), in this process or on a Ray cluster.
+    Returns (variants scored, sequences)."""
     from . import runs
     from .genome import RegionFile
-    from .interrupts import in_background
     from .progress import Progress
     from .records import Judge
-    from .writers import ColumnsWriter
+    from .vcf import indexed, is_vcf_output, unsorted
 
+    if is_vcf_output(output):
+        if not run.vcf:
+            raise InputError(f"{output}: a VCF output annotates the --vcf input; write a table (.tsv, .csv, .parquet) for other inputs")
+        where = unsorted(run.vcf) if indexed(output) else None
+        if where:
+            raise InputError(f"{run.vcf}: not sorted ({where}); an indexed VCF needs sorted input: bcftools sort {run.vcf} -Oz -o sorted.vcf.gz "
+                             "(or write a plain .vcf, which is not indexed)")
     judged = Judge(run.skip_invalid, lambda name: f"variant {name!r}")
-    regions = RegionFile(*run.regions, output, run.skip_invalid) if run.regions else None
+    regions = RegionFile(run.regions, output, run.skip_invalid) if run.regions else None
     if run.vcf:
         jobs = vcf_jobs(run.vcf, regions.genome, regions.regions, judged, log)
     elif run.saturate:
@@ -232,24 +301,28 @@ def score_file(bundle: str, output: str, run: VariantRun, log=print) -> tuple[in
         jobs = list(saturate_jobs(iter(records)))
     else:
         jobs = table_jobs(run.input, judged)
-    model = runs.load(bundle, log, **run.load)
-    jobs = runnable(model, jobs, judged)
+    scorer = Scorer(bundle, run, log)
+    jobs = runnable(scorer.bundle.tokenizer(), jobs, judged)
     if not jobs:
         raise InputError("no variants to score" + (f" ({len(judged.skipped)} skipped)" if judged.skipped else ""))
     if run.plot and len(jobs) > 12:
         raise InputError(f"--plot draws one heatmap per sequence, at most 12; this run has {len(jobs)}")
-    if model.task is not None and model.task["level"] != "sequence":
-        log(f"note: the {model.task['level']}-level head is not scored (p_ref, p_alt, diff, logOR are sequence-level); cosine distances are")
-    log(runs.describe(model.precision, model.engine, model.device, run.load.get("threads")))
+    task = scorer.bundle.task
+    if task is not None and task["level"] != "sequence":
+        log(f"note: the {task['level']}-level head is not scored (p_ref, p_alt, diff, logOR are sequence-level); cosine distances are")
+    if scorer.zero_shot and any(not variants_scorable(e) for job in jobs for e in job.edits):
+        log("note: zero-shot scores (p_ref, p_alt, llr) are for single-nucleotide substitutions; indels and longer substitutions get "
+            "cosine_distance only (docs/spec.md section 9)")
+    log(scorer.choice)
     tables = []
-    with ColumnsWriter(output, replace=run.force) as writer, Progress(sum(len(j.edits) for j in jobs), "variant", log) as progress:
-        for group in groups(jobs):  # the engine runs in a background thread: SIGTERM and Ctrl-C end the run at once
-            columns = in_background(score_group, model, group, run.overlap, run.batch_tokens, progress.update)
+    writer = VcfAnnotation(run.vcf, output, scorer, run.force) if is_vcf_output(output) else ColumnsTable(output, run.force)
+    with writer, Progress(sum(len(j.edits) for j in jobs), "variant", log) as progress:
+        for columns in scorer.scored(groups(jobs), progress):
             writer.write(columns)
             if run.plot:
                 tables.append(columns)
     if run.plot:
-        what = next((c for c in tables[0] if c.startswith("diff")), "cosine_distance")
+        what = next((c for c in tables[0] if c.startswith(("diff", "llr"))), "cosine_distance")
         plot_saturation(jobs, per_job(jobs, tables), run.plot, what)
     report = runs.write_skipped(output, judged.skipped)
     if judged.skipped:
@@ -257,9 +330,126 @@ def score_file(bundle: str, output: str, run: VariantRun, log=print) -> tuple[in
     return writer.rows, len(jobs)
 
 
-def runnable(model, jobs: list[Job], judged) -> list[Job]:
+def variants_scorable(edit: Edit) -> bool:
+    from utr_runtime.variants import scorable
+
+    return scorable(edit)
+
+
+class Scorer:
+    """score_group over groups of edits, in order: with one model in this process, or with one per Ray actor."""
+
+    def __init__(self, bundle: str, run: VariantRun, log):
+        from . import runs
+
+        self.run, self.log = run, log
+        self.load_options = {"precision": "fp32", "device": "cpu", "threads": None, "engine": "auto", **run.load}
+        if run.ray_address is None:
+            self.model = runs.load(bundle, log, **self.load_options)
+            self.bundle, engine = self.model.bundle, self.model.engine
+            self.choice = runs.describe(self.model.precision, engine, self.model.device, self.load_options["threads"])
+        else:
+            from utr_runtime.engines import choose_engine
+
+            self.bundle = runs.start_ray(bundle, self.load_options, run.ray_address, log)
+            engine = choose_engine(self.load_options["engine"], self.load_options["device"], self.load_options["precision"])
+            self.choice = runs.describe(self.load_options["precision"], engine, self.load_options["device"], self.load_options["threads"] or 1,
+                                        " in each Ray worker")
+        self.engine = engine
+        self.zero_shot = run.zero_shot and self.bundle.has_lm_head
+
+    def scored(self, groups: Iterator[list[tuple[Job, slice]]], progress) -> Iterator[dict]:
+        from .interrupts import in_background
+
+        run = self.run
+        if run.ray_address is None:
+            for group in groups:  # the engine runs in a background thread: SIGTERM and Ctrl-C end the run at once
+                yield in_background(score_group, self.model, group, run.overlap, run.batch_tokens, progress.update, zero_shot=run.zero_shot)
+            return
+        from . import distributed
+
+        for group, columns in distributed.score_groups(str(self.bundle.path), groups, self.load_options, run.workers, run.overlap,
+                                                       run.batch_tokens, run.zero_shot):
+            progress.update(sum(piece.stop - piece.start for _, piece in group))
+            yield columns
+
+
+class ColumnsTable:
+    """The table of a run: its columns without the hidden ones (the VCF's record and allele numbers)."""
+
+    def __init__(self, output: str, force: bool):
+        from .writers import ColumnsWriter
+
+        self.writer = ColumnsWriter(output, replace=force)
+
+    @property
+    def rows(self) -> int:
+        return self.writer.rows
+
+    def __enter__(self):
+        self.writer.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.writer.__exit__(*exc)
+
+    def write(self, columns: dict) -> None:
+        self.writer.write({name: values for name, values in columns.items() if not name.startswith("_")})
+
+
+NAMING = ("id", "region", "chrom", "pos", "strand", "position", "ref", "alt")
+
+
+class VcfAnnotation:
+    """The input VCF, written back with each scored allele's entries in INFO (utrexport.vcf), when the run ends."""
+
+    def __init__(self, source: str, output: str, scorer: Scorer, force: bool):
+        from utr_runtime.bundle import sha256_file
+
+        from .versions import tool_versions
+
+        self.source, self.output, self.force, self.rows, self.fields = source, output, force, 0, None
+        self.entries: dict[int, list[tuple[int, int, str]]] = {}
+        self.meta = {"version": tool_versions(("utrexport",)).get("utrexport", "unknown"),
+                     "bundle": _header_value(scorer.bundle.path.name),
+                     "bundle_sha256": sha256_file(scorer.bundle.path / "manifest.json"),  # the manifest holds every file's sha256
+                     "precision": scorer.load_options["precision"], "engine": scorer.engine}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is None:
+            from .vcf import write_annotated
+
+            entries = {record: [entry for _, _, entry in sorted(found)] for record, found in self.entries.items()}
+            write_annotated(self.source, self.output, self.fields, entries, self.meta, replace=self.force)
+
+    def write(self, columns: dict) -> None:
+        from .vcf import encode
+
+        scores = [name for name in columns if name not in NAMING and not name.startswith("_")]
+        self.fields = self.fields or ["ALLELE", "REGION", "STRAND", "POSITION", *scores]
+        for i in range(len(columns["id"])):
+            cells = [encode(columns["_vcf_alt"][i]), encode(columns["region"][i]), columns["strand"][i], str(columns["position"][i]),
+                     *(_cell(columns[name][i]) for name in scores)]
+            self.entries.setdefault(columns["_record"][i], []).append((columns["_allele"][i], self.rows, "|".join(cells)))
+            self.rows += 1
+
+
+def _cell(value: float) -> str:
+    return "" if value != value else f"{value:.6g}"  # NaN: not scored
+
+
+def _header_value(text: str) -> str:
+    return "".join(c if c.isprintable() and c not in "<>\"" else "_" for c in text)
+
+
+def runnable(tokenizer, jobs: list[Job], judged) -> list[Job]:
     """Jobs whose sequence the model can run (section 3 of docs/spec.md); the variants of the others are judged."""
-    problems = model.problems([job.sequence for job in jobs])
+    from utr_runtime.model import judge
+
+    problems = judge(tokenizer, [job.sequence for job in jobs])[1]
     for job, problem in zip(jobs, problems):
         if problem:
             for row in job.rows:

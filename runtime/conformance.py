@@ -129,9 +129,20 @@ def _model_vectors(model, sequences: list[str], masked: list[str]) -> dict:
                                # section 7: refused (no <mask>; more than max_tokens tokens), and top_k past the vocabulary
                                "refused": [sequences[0][:40], "<mask>" + "ACGU" * (model.max_tokens // 4 + 3)],
                                "top_k_past_vocabulary": {"text": masked[0], "top_k": vocabulary + 10, "answers": vocabulary}}
+        record["zero_shot"] = _zero_shot_vectors(model, max(sequences, key=len))
     if model.task:
         record["predict"] = _task_vectors(model, sequences)
     return record
+
+
+def _zero_shot_vectors(model, sequence: str) -> dict:
+    """P(A, C, G, U) (section 9) at the ends, the middle, and where the window leaves the start of a long sequence."""
+    from .variants import nucleotide_probabilities
+
+    window, k, length = model.max_tokens - 2, model.k, len(sequence)
+    moves = (window - k) // 2 + k  # the first position whose window does not start at 0 (when the sequence is longer than one)
+    positions = sorted({0, 1, moves - 1, moves, length // 2, length - 2, length - 1} & set(range(length)))
+    return {"sequence": sequence, "positions": positions, "probabilities": _floats(nucleotide_probabilities(model, [(sequence, positions)])[0])}
 
 
 def _forward_vectors(model, sequence: str) -> dict:
@@ -255,6 +266,11 @@ def _check_model(model, m: dict) -> list[str]:
     if "top_k_past_vocabulary" in fill:
         case = fill["top_k_past_vocabulary"]
         expect(len(model.fill_mask(case["text"], top_k=case["top_k"])) == case["answers"], "fill-mask: top_k past the vocabulary")
+    if "zero_shot" in m and at_reference:
+        from .variants import nucleotide_probabilities
+
+        z = m["zero_shot"]
+        expect(close(nucleotide_probabilities(model, [(z["sequence"], z["positions"])])[0], z["probabilities"]), "zero-shot letter probabilities")
     if "predict" in m:
         failures += _check_predict(model, m["predict"], overlap, meets, close if at_reference else None)
     return failures

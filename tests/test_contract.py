@@ -104,12 +104,13 @@ def test_conformance_check_can_fail(tiny_bundle):
     v["truncated_windows"][-1]["windows"][0][1] += 1
     v["validity"][-1]["refused"] = True  # one window of k-mers is not too many for an MLM bundle
     v["model"]["forward"]["last_hidden_state"][1][0][0] += 1e-3
+    v["model"]["zero_shot"]["probabilities"][-1][0] += 1e-3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         failures = check(utr_runtime.load(bundle), v)
     assert [f.split(":")[0] for f in failures] == ["tokenizer", "padding", "validity", "windows", "truncated windows", "embed mean",
                                                    "forward with (B, 0) mask_positions", "fill-mask must refuse 'ACGU<mask>ACGUAG'",
-                                                   "fill-mask"]
+                                                   "fill-mask", "zero-shot letter probabilities"]
 
 
 def test_conformance_tolerance_below_fp32_can_fail(all_precisions):

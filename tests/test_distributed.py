@@ -159,3 +159,30 @@ def test_a_node_removed_mid_run_costs_nothing(tiny_bundle, tmp_path):
     local, ray = np.load(tmp_path / "local.npz"), np.load(out)
     assert ray["ids"].tolist() == local["ids"].tolist()  # none lost, none twice
     np.testing.assert_allclose(ray["vectors"], local["vectors"], rtol=0, atol=ATOL)
+
+
+def test_ray_variants_equal_one_process(tiny_bundle, tmp_path):
+    """A saturation of several sequences (one split over groups) and a VCF over the toy genome: the same tables."""
+    from utr_calibration import DATA
+
+    import utrexport.scoring
+
+    bundle = tiny_bundle(3, "pretraining")  # masked-LM: cosine and zero-shot scores both
+    short = sorted(real_utrs(), key=lambda r: len(r[1]))
+    fasta = write_fasta(tmp_path / "utrs.fa", short[10:14] + [short[200]])  # the last one: more than one group of edits
+    assert 3 * len(short[200][1]) > utrexport.scoring.CHUNK
+    run("variants", bundle, fasta, "--saturate", "-o", tmp_path / "local.tsv")
+    done = run("variants", bundle, fasta, "--saturate", "-o", tmp_path / "ray.tsv", "--ray", "--workers", 2, "--threads", 1)
+    assert "in each Ray worker" in done.stderr
+    genome = ["--vcf", DATA / "toy_genome.vcf", "--genome", DATA / "toy_genome.fa", "--bed", DATA / "toy_genome.bed"]
+    run("variants", bundle, *genome, "-o", tmp_path / "local_vcf.tsv")
+    run("variants", bundle, *genome, "-o", tmp_path / "ray_vcf.tsv", "--ray", "--threads", 1)
+    for name in ("", "_vcf"):
+        local, ray = (np.genfromtxt(tmp_path / f"{kind}{name}.tsv", delimiter="\t", names=True, dtype=None, encoding="utf-8")
+                      for kind in ("local", "ray"))
+        assert local.dtype.names == ray.dtype.names and "llr" in local.dtype.names and len(local) == len(ray) > 0
+        for column in local.dtype.names:
+            if local[column].dtype.kind == "f":
+                np.testing.assert_allclose(ray[column], local[column], rtol=0, atol=ATOL, err_msg=column)
+            else:
+                assert ray[column].tolist() == local[column].tolist(), column

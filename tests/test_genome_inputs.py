@@ -56,11 +56,24 @@ def test_gtf_positions_count_from_one_and_strands_are_known(tmp_path):
             list(read_regions(write(tmp_path / "a.gtf", row + "\n"), "gtf"))
 
 
-@pytest.mark.parametrize("name", ["r.bed", "a.gtf", "v.vcf"])
+@pytest.mark.parametrize("name", ["r.bed", "a.gtf"])
 def test_invalid_utf8_is_one_line_naming_the_line(tmp_path, name):
     path = write(tmp_path / name, b"chr1\t100\t300\tr\xff1\t0\t+\n")
     with pytest.raises(InputError, match=rf"{name} line 1: not UTF-8 text \(byte 0xff\)"):
-        list(genome.read_vcf(path)) if name.endswith("vcf") else list(read_regions(path, "bed" if name.endswith("bed") else "gtf"))
+        list(read_regions(path, "bed" if name.endswith("bed") else "gtf"))
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\nchr1\t100\tr\xff1\tA\tG\t.\t.\t.\n", r"v.vcf record 1: not UTF-8 text \(byte 0xff\)"),
+    (b"#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\nchr1\tx\tr1\tA\tG\t.\t.\t.\n", r"v.vcf: record 1 cannot be read"),
+    (b"chr1\t100\tr1\tA\tG\n", r"v.vcf: not a VCF that htslib can read"),  # no header
+])
+def test_a_bad_vcf_is_one_line_naming_the_record(tmp_path, body, words):
+    from utrexport.vcf import read_vcf
+
+    header = b"##fileformat=VCFv4.2\n" if body.startswith(b"#") else b""
+    with pytest.raises(InputError, match=words):
+        list(read_vcf(write(tmp_path / "v.vcf", header + body)))
 
 
 def test_a_stale_index_newer_than_its_genome_is_rebuilt(tmp_path):
@@ -85,11 +98,14 @@ def test_a_genome_in_a_read_only_folder_gets_the_projects_message(tmp_path, monk
 def test_a_reference_only_vcf_record_is_no_variant_and_is_counted(tmp_path):
     fasta = write(tmp_path / "g.fa", ">chr1\n" + "ACGTTGCAAC" * 10 + "\n")
     regions = list(read_regions(write(tmp_path / "r.bed", "chr1\t10\t80\tr\t0\t+\n"), "bed"))
-    vcf = write(tmp_path / "v.vcf", "#CHROM\tPOS\tID\tREF\tALT\nchr1\t20\tref_only\tT\t.\nchr1\t22\tsnv\tC\tA\n")
+    vcf = write(tmp_path / "v.vcf", "##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                "chr1\t20\tref_only\tT\t.\t.\t.\t.\nchr1\t21\tsv\tT\t<DEL>\t.\t.\t.\nchr1\t22\tsnv\tC\tA\t.\t.\t.\n"
+                "chrUn\t5\tnowhere\tA\tC\t.\t.\t.\nchr1\t95\toutside\tC\tA\t.\t.\t.\n")
     logged, judged = [], []
     jobs = vcf_jobs(vcf, Genome(fasta), regions, lambda name, why: judged.append((name, why)), logged.append)
     assert [row["id"] for job in jobs for row in job.rows] == ["snv"] and not judged  # not scored as a deletion
-    assert logged == ["1 reference-only record(s) (ALT '.'): no variant, left out"]
+    assert logged == [f"{vcf}: 5 variant(s); left out: 1 reference-only (ALT '.'); 1 symbolic or missing allele (<DEL>, *, breakends); "
+                      "1 on a contig the genome lacks (chrUn); 1 in no region of the annotation"]
 
 
 def test_a_variant_table_position_is_ascii_digits(tmp_path):

@@ -115,7 +115,7 @@ def test_vcf_variants_on_both_strands_equal_the_same_edits_of_the_sequences(geno
     """Substitutions and an insertion on plus- and minus-strand regions, placed by genome coordinate, score as the
     transcript edits the test works out itself: minus-strand alleles complemented, positions from the 5' end."""
     rng = np.random.default_rng(3)
-    vcf, edits = ["##fileformat=VCFv4.2", "#CHROM\tPOS\tID\tREF\tALT"], []
+    vcf, edits = ["##fileformat=VCFv4.2", "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO"], []
     chrom_of = {r[3]: r[0] for r in genome["bed_rows"]}
     strand_of = {r[3]: r[5] for r in genome["bed_rows"]}
     for name, seq in list(genome["originals"].items())[:4]:
@@ -123,13 +123,13 @@ def test_vcf_variants_on_both_strands_equal_the_same_edits_of_the_sequences(geno
             g = genome["where"][name][t]
             base = genome["chroms"][chrom_of[name]][g]
             alt = next(c for c in "ACGT" if c != base)
-            vcf.append(f"{chrom_of[name]}\t{g + 1}\t{name}_{t}\t{base}\t{alt}")
+            vcf.append(f"{chrom_of[name]}\t{g + 1}\t{name}_{t}\t{base}\t{alt}\t.\t.\t.")
             edits.append((f"{name}_{t}", seq, t, seq[t], alt if strand_of[name] == "+" else alt.translate(COMPLEMENT)))
-    vcf.append(f"chr1\t3\toutside\t{genome['chroms']['chr1'][2]}\tA")  # in the filler: in no region
+    vcf.append(f"chr1\t3\toutside\t{genome['chroms']['chr1'][2]}\tA\t.\t.\t.")  # in the filler: in no region
     (tmp_path / "v.vcf").write_text("\n".join(vcf) + "\n")
     (tmp_path / "v.tsv").write_text("id\tsequence\tposition\tref\talt\n" + "".join(f"{i}\t{s}\t{t + 1}\t{r}\t{a}\n" for i, s, t, r, a in edits))
     result = run("variants", trained_bundle, "--vcf", tmp_path / "v.vcf", "--genome", genome["genome"], "--bed", genome["bed"], "-o", tmp_path / "g.tsv")
-    assert result.exit_code == 0 and "1 variant(s) lie in no region" in result.output, result.output
+    assert result.exit_code == 0 and "left out: 1 in no region of the annotation" in result.output, result.output
     assert run("variants", trained_bundle, tmp_path / "v.tsv", "-o", tmp_path / "t.tsv").exit_code == 0
     from_genome = {r["id"]: r for r in table(tmp_path / "g.tsv")}
     from_table = {r["id"]: r for r in table(tmp_path / "t.tsv")}
@@ -142,7 +142,7 @@ def test_vcf_variants_on_both_strands_equal_the_same_edits_of_the_sequences(geno
     # a reference allele that is not the genome's
     name = edits[0][0]
     wrong = [line.replace(f"\t{name}\t", f"\t{name}\tN\t").split("\t") for line in vcf if f"\t{name}\t" in line][0]
-    (tmp_path / "w.vcf").write_text("\t".join(wrong[:4] + wrong[5:]) + "\n")
+    (tmp_path / "w.vcf").write_text("\n".join(vcf[:2]) + "\n" + "\t".join(wrong[:4] + wrong[5:]) + "\n")
     result = run("variants", trained_bundle, "--vcf", tmp_path / "w.vcf", "--genome", genome["genome"], "--bed", genome["bed"], "-o", tmp_path / "w.tsv")
     assert result.exit_code == 1 and f"variant '{name}': reference allele N does not match the genome" in result.output, result.output
     assert not (tmp_path / "w.tsv").exists()
@@ -283,3 +283,129 @@ def test_a_long_run_reports_progress_in_a_log(trained_bundle, tmp_path, monkeypa
     (tmp_path / "w.fa").write_text(f">w\n{real_sequences('utrbert_dev_100nt.tsv')[0][1]}\n")
     result = run("variants", trained_bundle, tmp_path / "w.fa", "--saturate", "-o", tmp_path / "s.tsv")
     assert result.exit_code == 0 and "of 300 variants scored (" in result.output and " to go)" in result.output, result.output
+
+
+# ------------------------------------------------------------------------------------------ VCF out, contig names
+def _vcf_text(rows: list[tuple], contigs=("chr1", "chr2"), samples=True) -> str:
+    header = ["##fileformat=VCFv4.2", *(f"##contig=<ID={c}>" for c in contigs), '##INFO=<ID=DP,Number=1,Type=Integer,Description="depth">',
+              '##FILTER=<ID=q10,Description="low quality">', '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">',
+              "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO" + ("\tFORMAT\tS1" if samples else "")]
+    return "\n".join(header + ["\t".join(map(str, r[: 8 + 2 * samples])) for r in rows]) + "\n"
+
+
+@pytest.fixture(scope="module")
+def scored_vcf(genome, tiny_bundle, tmp_path_factory):
+    """A VCF over the toy genome (a variant in two overlapping regions, a multi-allelic record, one outside every
+    region, a reference-only record, QUAL, FILTER, INFO and a sample column) scored by a masked-LM bundle into an
+    indexed VCF and into a table."""
+    folder = tmp_path_factory.mktemp("scored_vcf")
+    first, second = genome["bed_rows"][0], genome["bed_rows"][2]
+    (folder / "twin.bed").write_text(genome["bed"].read_text() + "\t".join(map(str, [*first[:3], "twin", *first[4:]])) + "\n")
+    chroms = genome["chroms"]
+
+    def at(row, t):  # the genome position (0-based) of a region's base t, and the base there
+        g = genome["where"][row[3]][t]
+        return g, chroms[row[0]][g]
+
+    g1, b1 = at(first, 12)
+    g2, b2 = at(second, 20)
+    alts2 = [c for c in "ACGT" if c != b2][:2]
+    rows = [(first[0], g1 + 1, "two_regions", b1, next(c for c in "ACGT" if c != b1), 30, "PASS", "DP=5", "GT", "0/1"),
+            (second[0], g2 + 1, "multi", b2, ",".join(alts2), 12.5, "q10", "DP=9", "GT", "1/2"),
+            (second[0], g2 + 3, ".", chroms[second[0]][g2 + 2], ".", ".", ".", ".", "GT", "0/0"),
+            ("chr1", 3, "outside", chroms["chr1"][2], "A" if chroms["chr1"][2] != "A" else "C", 40, "PASS", "DP=1", "GT", "0/1")]
+    rows.sort(key=lambda r: (r[0], r[1]))
+    (folder / "in.vcf").write_text(_vcf_text(rows))
+    bundle = tiny_bundle(3, "pretraining")
+    args = ["variants", bundle, "--vcf", folder / "in.vcf", "--genome", genome["genome"], "--bed", folder / "twin.bed"]
+    for output in ("out.vcf.gz", "out.tsv", "out.vcf"):
+        result = run(*args, "-o", folder / output)
+        assert result.exit_code == 0, result.output
+    return {"folder": folder, "rows": rows, "alts2": alts2, "first": first, "g1": g1}
+
+
+def _entries(record, fields: list[str]) -> list[dict]:
+    return [dict(zip(fields, entry.split("|"), strict=True)) for entry in record.info.get("UTRBERT", ())]
+
+
+def test_the_annotated_vcf_keeps_every_record_and_holds_the_tables_scores(scored_vcf):
+    import pysam
+
+    folder = scored_vcf["folder"]
+    source, out = pysam.VariantFile(folder / "in.vcf"), pysam.VariantFile(folder / "out.vcf.gz")
+    described = out.header.info["UTRBERT"].description
+    fields = described.split("Format: ")[1].split("|")
+    assert fields[:4] == ["ALLELE", "REGION", "STRAND", "POSITION"] and {"cosine_distance", "p_ref", "p_alt", "llr"} <= set(fields)
+    assert out.header.info["UTRBERT"].number == "."
+    meta = {r.key: r.value for r in out.header.records if r.key.startswith("utrexport_")}
+    assert set(meta) == {"utrexport_version", "utrexport_bundle", "utrexport_bundle_sha256", "utrexport_precision", "utrexport_engine"}
+    assert len(meta["utrexport_bundle_sha256"]) == 64 and meta["utrexport_precision"] == "fp32"
+    table = {(r["id"], r["region"]): r for r in globals()["table"](folder / "out.tsv")}
+    records, entries = list(out), {}
+    for before, after in zip(source, records, strict=True):  # every record, in order, as it was
+        assert (after.chrom, after.pos, after.id, after.ref, after.alts, after.qual, list(after.filter)) == \
+               (before.chrom, before.pos, before.id, before.ref, before.alts, before.qual, list(before.filter))
+        assert {k: v for k, v in after.info.items() if k != "UTRBERT"} == dict(before.info)
+        assert after.samples["S1"]["GT"] == before.samples["S1"]["GT"]
+        entries[after.id or f"{after.chrom}:{after.pos}"] = _entries(after, fields)
+    assert [e["REGION"] for e in entries["two_regions"]] == [scored_vcf["first"][3], "twin"]  # a variant in two regions: two entries
+    assert [e["ALLELE"] for e in entries["multi"]] == scored_vcf["alts2"]  # one entry per ALT
+    assert not entries["outside"] and sum(1 for r in records if "UTRBERT" in r.info) == 2
+    scored = 0
+    for name, found in entries.items():
+        for entry in found:
+            row = table[(name if name != "multi" else f"multi:{entry['ALLELE']}", entry["REGION"])]
+            assert (entry["STRAND"], entry["POSITION"]) == (row["strand"], row["position"])
+            for field in fields[4:]:
+                assert float(entry[field]) == pytest.approx(float(row[field]), rel=1e-5), (name, field)
+            scored += 1
+    assert scored == len(table) == 4
+    hit = list(out.fetch(scored_vcf["first"][0], scored_vcf["g1"], scored_vcf["g1"] + 1))  # the tabix index answers a region query
+    assert [r.id for r in hit] == ["two_regions"]
+    plain = pysam.VariantFile(folder / "out.vcf")  # a plain .vcf: the same records, no index
+    assert [str(r) for r in plain] == [str(r) for r in records] and not (folder / "out.vcf.tbi").exists()
+
+
+def test_contig_names_match_across_spellings_or_by_a_map(genome, tiny_bundle, tmp_path):
+    """A VCF that says 1 and 2 where the genome says chr1 and chr2 scores the same; names no rule matches need
+    --contig-map, and without it the error says so."""
+    from utr_calibration import DATA
+
+    bundle = tiny_bundle(3, "pretraining")
+    base = ["variants", bundle, "--genome", genome["genome"], "--bed", genome["bed"]]
+    assert run(*base, "--vcf", DATA / "toy_genome.vcf", "-o", tmp_path / "chr.tsv").exit_code == 0
+    text = (DATA / "toy_genome.vcf").read_text()
+    (tmp_path / "ensembl.vcf").write_text(text.replace("chr1", "1").replace("chr2", "2"))
+    result = run(*base, "--vcf", tmp_path / "ensembl.vcf", "-o", tmp_path / "ensembl.tsv")
+    assert result.exit_code == 0, result.output
+    (tmp_path / "odd.vcf").write_text(text.replace("chr1", "one").replace("chr2", "two"))
+    result = run(*base, "--vcf", tmp_path / "odd.vcf", "-o", tmp_path / "odd.tsv")
+    assert result.exit_code == 1 and "no variant lies in a region" in result.output and "--contig-map" in result.output, result.output
+    assert not (tmp_path / "odd.tsv").exists()
+    (tmp_path / "map.txt").write_text("one\tchr1\n# a comment\ntwo chr2\n")
+    result = run(*base, "--vcf", tmp_path / "odd.vcf", "--contig-map", tmp_path / "map.txt", "-o", tmp_path / "mapped.tsv")
+    assert result.exit_code == 0, result.output
+    (tmp_path / "ensembl.bed").write_text(genome["bed"].read_text().replace("chr", ""))  # the annotation spelled otherwise too
+    result = run("variants", bundle, "--genome", genome["genome"], "--bed", tmp_path / "ensembl.bed", "--vcf", DATA / "toy_genome.vcf",
+                 "-o", tmp_path / "bed.tsv")
+    assert result.exit_code == 0, result.output
+    expected = table(tmp_path / "chr.tsv")
+    for name in ("ensembl", "mapped", "bed"):
+        got = table(tmp_path / f"{name}.tsv")
+        assert [{k: v for k, v in r.items() if k != "chrom"} for r in got] == [{k: v for k, v in r.items() if k != "chrom"} for r in expected], name
+
+
+def test_an_indexed_vcf_needs_sorted_input_and_a_vcf_output_needs_a_vcf(genome, tiny_bundle, tmp_path):
+    from utr_calibration import DATA
+
+    bundle = tiny_bundle(3, "pretraining")
+    lines = (DATA / "toy_genome.vcf").read_text().splitlines()
+    body = [line for line in lines if not line.startswith("#")]
+    (tmp_path / "unsorted.vcf").write_text("\n".join([line for line in lines if line.startswith("#")] + body[::-1]) + "\n")
+    base = ["variants", bundle, "--genome", genome["genome"], "--bed", genome["bed"], "--vcf", tmp_path / "unsorted.vcf"]
+    result = run(*base, "-o", tmp_path / "out.vcf.gz")
+    assert result.exit_code == 1 and "not sorted" in result.output and "bcftools sort" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unsorted.vcf"]
+    assert run(*base, "-o", tmp_path / "out.vcf").exit_code == 0  # not indexed: any order, kept
+    result = run("variants", bundle, "--saturate", genome["fasta"], "-o", tmp_path / "s.vcf.gz")
+    assert result.exit_code != 0 and "annotates the --vcf input" in result.output, result.output

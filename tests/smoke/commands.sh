@@ -23,9 +23,11 @@ u build --kmer 3 --checkpoint "$root/tests/data/utrbert-3mer-dev-classifier" --p
 u predict classifier "$input" -o predictions.tsv
 printf '>chr1\nGGGGGTTTGGCAGTACATCAATGGGCGTGGATAGCGGTTTGACTCACGGGGATTTCCAAGTCTCCACCCCATTGACGTCAATGGGAGTTTGTTTTGGC\n' > genome.fa
 printf 'chr1\t5\t60\tr1\t0\t+\t5\t60\t0\t2\t20,25,\t0,30,\nchr1\t10\t90\tr2\t0\t-\n' > regions.bed
-printf '#CHROM\tPOS\tID\tREF\tALT\nchr1\t12\tv1\tA\tC\nchr1\t70\tv2\tC\tG\n' > variants.vcf
+printf '##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n1\t12\tv1\tA\tC\t.\t.\t.\n1\t70\tv2\tC\tG\t.\t.\t.\n' > variants.vcf
 u embed mlm --genome genome.fa --bed regions.bed -o regions.parquet
 u variants classifier --vcf variants.vcf --genome genome.fa --bed regions.bed -o variants.tsv
+u variants mlm --vcf variants.vcf --genome genome.fa --bed regions.bed -o variants.vcf.gz  # zero-shot; contig 1 is chr1
+"$bin/python" -c "import pysam; assert len(list(pysam.VariantFile('variants.vcf.gz').fetch('1', 60, 80))) == 1"
 u variants classifier "$input" --saturate -o saturation.parquet
 u bench mlm --shapes 1x16 --repeats 1 --e2e-sequences 0 --no-torch --no-tokenizer --no-memory > /dev/null
 u triton mlm classifier -o repository > /dev/null
