@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from utr_runtime.errors import InputError
-from utr_runtime.variants import Edit, check_edit, normalize, saturation
+from utr_runtime.variants import Edit, check_edit, normalize, saturation, scorable
 
 from .genome import INTEGER
 from .vcf import FORMATS as VCF_FORMATS
@@ -310,7 +310,7 @@ def score_file(bundle: str, output: str, run: VariantRun, log=print) -> tuple[in
     task = scorer.bundle.task
     if task is not None and task["level"] != "sequence":
         log(f"note: the {task['level']}-level head is not scored (p_ref, p_alt, diff, logOR are sequence-level); cosine distances are")
-    if scorer.zero_shot and any(not variants_scorable(e) for job in jobs for e in job.edits):
+    if scorer.zero_shot and any(not scorable(e) for job in jobs for e in job.edits):
         log("note: zero-shot scores (p_ref, p_alt, llr) are for single-nucleotide substitutions; indels and longer substitutions get "
             "cosine_distance only (docs/spec.md section 9)")
     log(scorer.choice)
@@ -328,12 +328,6 @@ def score_file(bundle: str, output: str, run: VariantRun, log=print) -> tuple[in
     if judged.skipped:
         log(f"skipped {len(judged.skipped)} invalid variant(s), listed in {report}")
     return writer.rows, len(jobs)
-
-
-def variants_scorable(edit: Edit) -> bool:
-    from utr_runtime.variants import scorable
-
-    return scorable(edit)
 
 
 class Scorer:

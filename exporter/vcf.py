@@ -6,8 +6,8 @@ run, header and record rules included; it keeps every column of a record (ID, QU
 writes it back, and it ships as wheels with htslib inside (cyvcf2 reads and writes as well, but has no indexer).
 
 The INFO field (`UTRBERT`, Number=.) holds one entry per ALT allele and region holding it, `|`-separated sub-fields
-named in its Description after "Format: ", as VEP's CSQ and SpliceAI's fields do (so `bcftools +split-vep -a UTRBERT`
-reads it). Number=A cannot hold it: one allele may lie in several regions (overlapping transcripts).
+named in its Description after "Format: ", as VEP's CSQ and SpliceAI's fields do. Number=A cannot hold it: one allele
+may lie in several regions (overlapping transcripts).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Iterator
 
 from utr_runtime.errors import InputError, UtrError
+
+from .writers import current_umask
 
 INFO_ID = "UTRBERT"
 FORMATS = (".vcf", ".vcf.gz", ".vcf.bgz")  # .gz and .bgz: BGZF with a tabix index
@@ -129,6 +131,7 @@ def write_annotated(source: str, output: str, fields: list[str], entries: dict[i
     if not folder.is_dir():
         raise UtrError(f"{folder}: no such folder for the output")
     partial = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".partial")
+    os.fchmod(partial[0], 0o666 & ~current_umask())  # mkstemp makes it 0600; the output gets what a plain open would give
     os.close(partial[0])
     index = f"{partial[1]}.tbi"
     try:
@@ -153,6 +156,7 @@ def write_annotated(source: str, output: str, fields: list[str], entries: dict[i
                     out.write(record)
         if indexed(output):
             pysam.tabix_index(partial[1], preset="vcf", force=True, index=index)
+            os.chmod(index, 0o666 & ~current_umask())
         _publish(partial[1], target, replace)
         if indexed(output):
             _publish(index, Path(f"{output}.tbi"), True)

@@ -36,6 +36,7 @@ NOT_RUN = {
     "tritonclient": "needs the server above (tests/test_serving.py runs this example against one)",
     "from openai import OpenAI": "needs the server above (tests/test_serving.py runs this example against one)",
     "docker run": "needs Docker, NVIDIA's Triton container and a GPU",
+    "bcftools ": "needs bcftools, a Debian package (tests/test_variants.py queries the index with pysam, and with bcftools where installed)",
 }
 LINKED = ("calibration", "tests", "benchmarks", "docs", "clients")
 

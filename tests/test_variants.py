@@ -362,6 +362,10 @@ def test_the_annotated_vcf_keeps_every_record_and_holds_the_tables_scores(scored
     assert scored == len(table) == 4
     hit = list(out.fetch(scored_vcf["first"][0], scored_vcf["g1"], scored_vcf["g1"] + 1))  # the tabix index answers a region query
     assert [r.id for r in hit] == ["two_regions"]
+    from utrexport.writers import current_umask
+
+    for written in ("out.vcf.gz", "out.vcf.gz.tbi"):  # what a plain open would give, not mkstemp's 0600
+        assert (folder / written).stat().st_mode & 0o777 == 0o666 & ~current_umask(), written
     plain = pysam.VariantFile(folder / "out.vcf")  # a plain .vcf: the same records, no index
     assert [str(r) for r in plain] == [str(r) for r in records] and not (folder / "out.vcf.tbi").exists()
 
@@ -409,3 +413,17 @@ def test_an_indexed_vcf_needs_sorted_input_and_a_vcf_output_needs_a_vcf(genome, 
     assert run(*base, "-o", tmp_path / "out.vcf").exit_code == 0  # not indexed: any order, kept
     result = run("variants", bundle, "--saturate", genome["fasta"], "-o", tmp_path / "s.vcf.gz")
     assert result.exit_code != 0 and "annotates the --vcf input" in result.output, result.output
+
+
+def test_bcftools_reads_the_annotated_vcf_and_its_index(scored_vcf):
+    import shutil
+    import subprocess
+
+    if shutil.which("bcftools") is None:
+        pytest.skip("bcftools is not installed (Debian: apt-get install bcftools); the index is checked with pysam above")
+    out, chrom, g1 = scored_vcf["folder"] / "out.vcf.gz", scored_vcf["first"][0], scored_vcf["g1"]
+    view = subprocess.run(["bcftools", "view", "-H", "-r", f"{chrom}:{g1 + 1}", str(out)], capture_output=True, text=True, check=True)
+    assert [line.split("\t")[2] for line in view.stdout.splitlines()] == ["two_regions"]
+    query = subprocess.run(["bcftools", "query", "-f", "%ID\t%INFO/UTRBERT\n", str(out)], capture_output=True, text=True, check=True)
+    found = dict(line.split("\t") for line in query.stdout.splitlines())
+    assert found["outside"] == "." and len(found["multi"].split(",")) == 2 and [e.split("|")[1] for e in found["two_regions"].split(",")] == [scored_vcf["first"][3], "twin"]

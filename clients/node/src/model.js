@@ -129,6 +129,60 @@ export class Model {
     return masked.length === 1 ? answers[0] : answers;
   }
 
+  /** P(A, C, G, U) at each 0-based nucleotide of `sequence`, each from one row with every k-mer covering it masked
+   * (docs/spec.md section 9): zero-shot variant scores are ln P(alt) - ln P(ref). */
+  async nucleotideProbabilities(sequence, positions, { batchSize = 64, maxBatchTokens = 8192 } = {}) {
+    if (!this.session.outputNames.includes('logits')) throw new InputError("this bundle's model has no MLM head");
+    const [ids] = this.#rows([sequence], {});
+    const { k } = this;
+    const n = ids.length;
+    const W = this.maxTokens - 2;
+    if (n !== sequence.length - k + 1) throw new InputError('the sequence holds special tokens or characters that upper-case to several letters');
+    const rows = positions.map((p) => {
+      if (!Number.isInteger(p) || p < 0 || p >= sequence.length) throw new InputError(`position ${p + 1} is outside the sequence (1..${sequence.length})`);
+      const lo = Math.max(0, p - k + 1);
+      const hi = Math.min(p, n - 1);
+      const start = n <= W ? 0 : Math.min(Math.max(0, lo - Math.floor((W - (hi - lo + 1)) / 2)), n - W);
+      const row = [CLS, ...ids.slice(start, start + W), EOS];
+      const covering = Array.from({ length: hi - lo + 1 }, (_, m) => lo + m);
+      for (const i of covering) row[1 + i - start] = MASK;
+      return { row, masked: covering.map((i) => 1 + i - start), offsets: covering.map((i) => p - i) };
+    });
+    const { kmerIds, letterAt } = this.#letterTable();
+    const V = this.tokenizer.vocabSize;
+    const out = new Array(rows.length);
+    for (const batch of planBatches(rows.map((r) => r.row.length), maxBatchTokens, batchSize)) {
+      // one width per batch: each row's masked positions repeated cyclically to k, the first ones read
+      const positionsOf = batch.map((j) => Array.from({ length: k }, (_, m) => rows[j].masked[m % rows[j].masked.length]));
+      const { logits } = await this.forward(batch.map((j) => rows[j].row), positionsOf);
+      batch.forEach((j, b) => {
+        const letters = [0, 0, 0, 0];
+        rows[j].offsets.forEach((offset, m) => {
+          const row = logits.data.subarray((b * k + m) * V, (b * k + m + 1) * V);
+          const z = kmerIds.map((id) => row[id]);
+          const max = Math.max(...z);
+          const q = z.map((x) => Math.exp(x - max));
+          const total = q.reduce((a, c) => a + c, 0);
+          q.forEach((x, t) => { letters[letterAt[offset][t]] += x / total / rows[j].offsets.length; });
+        });
+        out[j] = letters;
+      });
+    }
+    return out;
+  }
+
+  // The ids of the 4^k k-mers of A, C, G, U, and per offset the letter (0..3) each holds there.
+  #letterTable() {
+    if (!this.letters) {
+      const index = new Map(this.tokenizer.vocabulary.map((token, id) => [token, id]));
+      const kmers = [''];
+      for (let i = 0; i < this.k; i++) kmers.splice(0, kmers.length, ...kmers.flatMap((prefix) => [...'ACGU'].map((c) => prefix + c)));
+      this.letters = { kmerIds: kmers.map((kmer) => index.get(kmer)),
+        letterAt: Array.from({ length: this.k }, (_, o) => kmers.map((kmer) => 'ACGU'.indexOf(kmer[o]))) };
+    }
+    return this.letters;
+  }
+
   // Each sequence's rows (ids between <cls> and <eos>), after section 3's checks.
   #rows(sequences, options) {
     return sequences.map((seq, i) => {

@@ -62,6 +62,12 @@ for (const folder of bundles.length ? bundles : ['(none)']) {
         for (const text of m.fill_mask?.refused ?? []) await assert.rejects(model.fillMask(text), InputError, JSON.stringify(text.slice(0, 30)));
         const past = m.fill_mask?.top_k_past_vocabulary;
         if (past) assert.equal((await model.fillMask(past.text, { topK: past.top_k })).length, past.answers, 'top_k past the vocabulary');
+        if (m.zero_shot && atReference) { // section 9: P(A, C, G, U) at fp32 within atol
+          const z = m.zero_shot;
+          const got = await model.nucleotideProbabilities(z.sequence, z.positions);
+          got.forEach((p, i) => p.forEach((v, l) => assert.ok(Math.abs(v - z.probabilities[i][l]) <= m.atol,
+            `zero-shot position ${z.positions[i]} letter ${'ACGU'[l]}: ${v} vs ${z.probabilities[i][l]}`)));
+        }
         if (m.predict) await checkPredict(model, m, tolerance, atReference);
       });
     }
