@@ -295,6 +295,11 @@ def zero_shot(model, items: Sequence[tuple[str, Sequence[Edit]]], batch_size: in
     """Per (sequence, edits): `p_ref`, `p_alt` (the probabilities of the alleles at the masked position) and `llr` =
     ln p_alt - ln p_ref, arrays over the edits, NaN where the score is not defined (indels, several nucleotides, N).
     One masked row per distinct position answers every alternative there (a saturation: one row per position)."""
+    for sequence, edits in items:
+        for edit in edits:
+            problem = check_edit(sequence, edit)
+            if problem:
+                raise InputError(problem)
     wanted = [sorted({e.position for e in edits if scorable(e)}) for _, edits in items]
     probabilities = nucleotide_probabilities(model, [(s, p) for (s, _), p in zip(items, wanted)], batch_size, max_batch_tokens, progress)
     results = []

@@ -83,5 +83,7 @@ def test_what_zero_shot_does_not_score_is_nan_and_a_bundle_without_mlm_head_is_r
     scores = zero_shot(model, [("ACGUACGUNACGUAC", [Edit(3, "U", ""), Edit(2, "GU", "CA"), Edit(8, "N", "A"), Edit(1, "C", "N"),
                                                     Edit(5, "C", "G")])])[0]
     assert np.isnan(scores["llr"][:4]).all() and np.isfinite(scores["llr"][4])
+    with pytest.raises(utr_runtime.InputError, match="reference allele G does not match the sequence, which holds C at position 2"):
+        zero_shot(model, [("ACGUACGU", [Edit(1, "G", "A")])])
     with pytest.raises(utr_runtime.UtrError, match="no MLM head"):
         zero_shot(utr_runtime.load(tiny_bundle(3, "base")), [("ACGUACGU", [Edit(3, "U", "A")])])
