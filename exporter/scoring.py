@@ -277,15 +277,14 @@ def score_file(bundle: str, output: str, run: VariantRun, log=print) -> tuple[in
     from .genome import RegionFile
     from .progress import Progress
     from .records import Judge
-    from .vcf import indexed, is_vcf_output, unsorted
+    from .vcf import annotation_problem, is_vcf_output
 
     if is_vcf_output(output):
         if not run.vcf:
             raise InputError(f"{output}: a VCF output annotates the --vcf input; write a table (.tsv, .csv, .parquet) for other inputs")
-        where = unsorted(run.vcf) if indexed(output) else None
-        if where:
-            raise InputError(f"{run.vcf}: not sorted ({where}); an indexed VCF needs sorted input: bcftools sort {run.vcf} -Oz -o sorted.vcf.gz "
-                             "(or write a plain .vcf, which is not indexed)")
+        problem = annotation_problem(run.vcf, output)
+        if problem:
+            raise InputError(f"{run.vcf}: {problem}")
     judged = Judge(run.skip_invalid, lambda name: f"variant {name!r}")
     regions = RegionFile(run.regions, output, run.skip_invalid) if run.regions else None
     if run.vcf:

@@ -99,6 +99,19 @@ def read_vcf(path: str) -> Iterator[VcfVariant]:
             number += 1
 
 
+def annotation_problem(path: str, output: str) -> str | None:
+    """Why `path` cannot be written back annotated to `output`, before any model work: it holds our INFO field
+    already, or (for an indexed output) it is out of order."""
+    with open_vcf(path) as vcf:
+        if INFO_ID in vcf.header.info:
+            return f"its INFO already has a {INFO_ID} field (a VCF scored before?): score the original VCF"
+    where = unsorted(path) if indexed(output) else None
+    if where:
+        return (f"not sorted ({where}); an indexed VCF needs sorted input: bcftools sort {path} -Oz -o sorted.vcf.gz "
+                "(or write a plain .vcf, which is not indexed)")
+    return None
+
+
 def unsorted(path: str) -> str | None:
     """Where a VCF is out of order for a tabix index (each contig's records together, positions rising), or None."""
     done, current, last = set(), None, -1
@@ -142,8 +155,6 @@ def write_annotated(source: str, output: str, fields: list[str], entries: dict[i
         with open_vcf(source) as vcf:
             header = vcf.header
             _add_missing(header, implied)
-            if INFO_ID in header.info:
-                raise InputError(f"{source}: its INFO already has a {INFO_ID} field (a VCF scored before?): score the original VCF")
             header.add_line(f'##INFO=<ID={INFO_ID},Number=.,Type=String,Description="utrexport variant scores: one entry per ALT '
                             "allele and region holding it; POSITION is 1-based in the region's 5'-3' sequence; llr is ln p_alt - ln p_ref; "
                             f'an empty score is not defined for the variant. Format: {"|".join(fields)}">')

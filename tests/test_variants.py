@@ -411,6 +411,8 @@ def test_an_indexed_vcf_needs_sorted_input_and_a_vcf_output_needs_a_vcf(genome, 
     assert result.exit_code == 1 and "not sorted" in result.output and "bcftools sort" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unsorted.vcf"]
     assert run(*base, "-o", tmp_path / "out.vcf").exit_code == 0  # not indexed: any order, kept
+    result = run(*base[:-1], tmp_path / "out.vcf", "-o", tmp_path / "again.vcf")  # a scored VCF scored again
+    assert result.exit_code == 1 and "already has a UTRBERT field" in result.output and not (tmp_path / "again.vcf").exists(), result.output
     result = run("variants", bundle, "--saturate", genome["fasta"], "-o", tmp_path / "s.vcf.gz")
     assert result.exit_code != 0 and "annotates the --vcf input" in result.output, result.output
 
