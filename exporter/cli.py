@@ -325,7 +325,7 @@ def predict(bundle, input, output, logits, aggregate, precision, device, engine,
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 @_engine_option
-@click.option("--threads", type=click.IntRange(1), help="Engine threads [default: all cores].")
+@click.option("--threads", type=click.IntRange(1), help="Engine threads [default: all cores; with --ray, 1 per worker].")
 @click.option("--overlap", type=click.IntRange(0, 500), default=64, show_default=True, help="k-mers shared by neighbouring windows.")
 @click.option("--batch-tokens", type=click.IntRange(512), default=8192, show_default=True, help="Token budget of one batch.")
 @click.option("--max-length", type=click.IntRange(1), default=10_000_000, show_default=True, help="Longest record (nt) read.")
