@@ -133,10 +133,9 @@ def vcf_jobs(vcf: str, genome, regions: list, judged: Callable[[str, str], None]
             job.rows.append({"id": v.id, "region": region.id, "chrom": v.chrom, "pos": v.start + 1, "strand": region.strand,
                              "position": edit.position + 1, "ref": edit.ref, "alt": edit.alt,
                              "_record": v.record, "_allele": v.allele, "_vcf_alt": v.alt})  # for the annotated VCF, not the table
-    said = [f"{n} {LEFT_OUT[reason]}" for reason, n in left_out.items() if n]
-    if unknown:
-        names = sorted(unknown, key=unknown.get, reverse=True)
-        said[[r for r, n in left_out.items() if n].index("unknown_contig")] += f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+    names = sorted(unknown, key=unknown.get, reverse=True)
+    detail = {"unknown_contig": f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"}
+    said = [f"{n} {LEFT_OUT[reason]}{detail.get(reason, '')}" for reason, n in left_out.items() if n]
     if said:
         log(f"{vcf}: {variants} variant(s); left out: {'; '.join(said)}" + (f"; {mismatched} reference mismatch(es) skipped" if mismatched else ""))
     if variants and not any(job.edits for job in jobs.values()) and not mismatched:
@@ -194,28 +193,15 @@ def score_group(model, group: list[tuple[Job, slice]], overlap: int, max_batch_t
         for i, label in enumerate(labels):
             columns[name if len(labels) == 1 else f"{name}_{label}"] = values[:, i].astype(np.float64).tolist()
     if lm:
-        import collections
-
-        per_position = [collections.Counter(e.position for e in edits if variants.scorable(e)) for _, edits in items]
-        progress(share * (len(rows) - sum(sum(c.values()) for c in per_position)))  # indels and the like: no zero-shot score
-        done = lambda n: progress(share * n)  # noqa: E731  (rows finish per position; each answers its variants)
-        lm_scores = variants.zero_shot(model, items, max_batch_tokens=max_batch_tokens, progress=_PositionProgress(per_position, done))
+        scorable_edits = sum(1 for _, edits in items for e in edits if variants.scorable(e))
+        positions = sum(len({e.position for e in edits if variants.scorable(e)}) for _, edits in items)
+        progress(share * (len(rows) - scorable_edits))  # indels and the like: no zero-shot score
+        per_row = scorable_edits / max(positions, 1)  # a masked row answers each variant at its position
+        lm_scores = variants.zero_shot(model, items, max_batch_tokens=max_batch_tokens, progress=lambda n: progress(share * n * per_row))
         prefix = "lm_" if labels else ""  # a bundle with both heads keeps the task's p_ref and p_alt
         for name in ("p_ref", "p_alt", "llr"):
             columns[prefix + name] = np.concatenate([s[name] for s in lm_scores]).astype(np.float64).tolist()
     return columns
-
-
-class _PositionProgress:
-    """zero_shot's progress (masked rows, one per position, in the order of the items' sorted positions) as variants."""
-
-    def __init__(self, per_position: list, done: Callable[[float], None]):
-        self.weights = [per[p] for per in per_position for p in sorted(per)]
-        self.at, self.done = 0, done
-
-    def __call__(self, rows: int) -> None:
-        self.done(sum(self.weights[self.at : self.at + rows]))
-        self.at += rows
 
 
 def plot_saturation(jobs: list[Job], tables: list[dict], path: str, what: str) -> None:

@@ -101,32 +101,28 @@ def read_vcf(path: str) -> Iterator[VcfVariant]:
 
 def annotation_problem(path: str, output: str) -> str | None:
     """Why `path` cannot be written back annotated to `output`, before any model work: it holds our INFO field
-    already, or (for an indexed output) it is out of order."""
+    already, or (for an indexed output) it is out of order: a tabix index needs each contig's records together,
+    positions rising."""
     with open_vcf(path) as vcf:
         if INFO_ID in vcf.header.info:
             return f"its INFO already has a {INFO_ID} field (a VCF scored before?): score the original VCF"
-    where = unsorted(path) if indexed(output) else None
-    if where:
-        return (f"not sorted ({where}); an indexed VCF needs sorted input: bcftools sort {path} -Oz -o sorted.vcf.gz "
-                "(or write a plain .vcf, which is not indexed)")
-    return None
-
-
-def unsorted(path: str) -> str | None:
-    """Where a VCF is out of order for a tabix index (each contig's records together, positions rising), or None."""
-    done, current, last = set(), None, -1
-    with open_vcf(path) as vcf:
+        if not indexed(output):
+            return None
+        done, current, last = set(), None, -1
         for number, record in enumerate(vcf, start=1):
             if record.chrom != current:
                 if record.chrom in done:
-                    return f"record {number} returns to contig {record.chrom} after others"
-                if current is not None:
-                    done.add(current)
+                    return _unsorted(path, f"record {number} returns to contig {record.chrom} after others")
+                done.add(current)
                 current, last = record.chrom, -1
             if record.pos < last:
-                return f"record {number} ({record.chrom}:{record.pos}) comes after position {last}"
+                return _unsorted(path, f"record {number} ({record.chrom}:{record.pos}) comes after position {last}")
             last = record.pos
     return None
+
+
+def _unsorted(path: str, where: str) -> str:
+    return f"not sorted ({where}); an indexed VCF needs sorted input: bcftools sort {path} -Oz -o sorted.vcf.gz (or write a plain .vcf, which is not indexed)"
 
 
 def encode(value: str) -> str:

@@ -226,18 +226,25 @@ def nucleotide_probabilities(model, items: Sequence[tuple[str, Sequence[int]]], 
     masked span would change the first's answer. Rows of many positions share each batch (the token budget).
     progress(n) is called as positions finish.
     """
+    tok, k = model.tokenizer, model.k
+    return _probabilities(model, [(_reference_ids(tok, k, sequence, ()), len(sequence), positions) for sequence, positions in items],
+                          batch_size, max_batch_tokens, progress)
+
+
+def _probabilities(model, items: Sequence[tuple[np.ndarray, int, Sequence[int]]], batch_size: int, max_batch_tokens: int,
+                   progress) -> list[np.ndarray]:
+    """nucleotide_probabilities of (k-mer ids, sequence length, positions) items."""
     if not model.bundle.has_lm_head:
         raise UtrError("this bundle's model has no MLM head; zero-shot scores need one (build it from a MaskedLM/PreTraining checkpoint)")
     tok, k, window = model.tokenizer, model.k, model.max_tokens - 2
     rows, where = [], []  # model rows (ids, mask positions, offsets); (item, index) of each
-    for i, (sequence, positions) in enumerate(items):
-        ids = _reference_ids(tok, k, sequence, ())
+    for i, (ids, length, positions) in enumerate(items):
         for j, p in enumerate(positions):
-            if not 0 <= p < len(sequence):
-                raise InputError(f"position {p + 1} is outside the sequence (1..{len(sequence)})")
+            if not 0 <= p < length:
+                raise InputError(f"position {p + 1} is outside the sequence (1..{length})")
             rows.append(masked_row(tok, ids, int(p), k, window))
             where.append((i, j))
-    out = [np.zeros((len(positions), 4)) for _, positions in items]
+    out = [np.zeros((len(positions), 4)) for _, _, positions in items]
     letters = _letter_table(k)
     for batch in plan_batches([len(r[0]) for r in rows], max_batch_tokens, batch_size):
         input_ids, attention_mask = tok.pad([rows[b][0] for b in batch])
@@ -295,13 +302,10 @@ def zero_shot(model, items: Sequence[tuple[str, Sequence[Edit]]], batch_size: in
     """Per (sequence, edits): `p_ref`, `p_alt` (the probabilities of the alleles at the masked position) and `llr` =
     ln p_alt - ln p_ref, arrays over the edits, NaN where the score is not defined (indels, several nucleotides, N).
     One masked row per distinct position answers every alternative there (a saturation: one row per position)."""
-    for sequence, edits in items:
-        for edit in edits:
-            problem = check_edit(sequence, edit)
-            if problem:
-                raise InputError(problem)
+    tok, k = model.tokenizer, model.k
     wanted = [sorted({e.position for e in edits if scorable(e)}) for _, edits in items]
-    probabilities = nucleotide_probabilities(model, [(s, p) for (s, _), p in zip(items, wanted)], batch_size, max_batch_tokens, progress)
+    probabilities = _probabilities(model, [(_reference_ids(tok, k, sequence, edits), len(sequence), positions)  # edits checked there
+                                           for (sequence, edits), positions in zip(items, wanted)], batch_size, max_batch_tokens, progress)
     results = []
     for (_, edits), positions, p in zip(items, wanted, probabilities):
         at = {position: row for position, row in zip(positions, p)}
