@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import warnings
-from pathlib import Path
 
 import click
 
@@ -353,8 +352,6 @@ def variants(bundle, input, output, vcf, saturate, plot, precision, device, engi
     _check_outputs(output, input or vcf or genome or "", force, scoring.VARIANT_FORMATS)
     if output.lower().endswith((".gz", ".bgz")):
         check_output(f"{output}.tbi", force, vcf or "", error=CommandError)
-    if output.lower().endswith(scoring.VCF_FORMATS) and not vcf:
-        raise CommandError(f"{output}: a VCF output annotates the --vcf input; write a table (.tsv, .csv, .parquet) for other inputs")
     if workers and not ray_address:
         raise CommandError("--workers sizes the Ray actor pool: use it with --ray")
     if plot and not saturate:
@@ -567,9 +564,7 @@ def bench(bundle, shapes, repeats, threads, device, precision, engines, e2e_sequ
     report = benchmark.to_markdown(result)
     click.echo(report)
     if out_prefix:
-        Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{out_prefix}.json").write_text(json.dumps(result, indent=1) + "\n")
-        Path(f"{out_prefix}.md").write_text(report)
+        benchmark.write_report(out_prefix, result, report)
         if plot:
             benchmark.plot_benchmark(result, f"{out_prefix}.png")
         _log(f"results written to {out_prefix}.json, {out_prefix}.md" + (f", {out_prefix}.png" if plot else ""))
