@@ -13,13 +13,11 @@ be installed here (the plain form exists for TensorRT before 10.14).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 
 import utr_runtime
-from utrexport.benchmark import bench_shapes, describe_machine, machine, make_path, random_batch
+from utrexport.benchmark import bench_shapes, describe_machine, machine, make_path, random_batch, write_report
 
 
 def main() -> None:
@@ -53,8 +51,7 @@ def main() -> None:
     report = to_markdown(result, shapes)
     print(report)
     if args.out:
-        Path(f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
-        Path(f"{args.out}.md").write_text(report)
+        write_report(args.out, result, report)
 
 
 def _difference(paths) -> float:

@@ -36,7 +36,7 @@ import numpy as np
 import utr_runtime
 from utr_calibration import real_sequences
 from utrexport import tritonserver
-from utrexport.benchmark import describe_machine, machine
+from utrexport.benchmark import describe_machine, machine, write_report
 
 
 def chosen_sequences(n: int, max_nt: int | None = None) -> list[str]:
@@ -153,8 +153,7 @@ def main() -> None:
     markdown = to_markdown(report)
     print(markdown)
     if args.out:
-        Path(f"{args.out}.json").write_text(json.dumps(report, indent=1) + "\n")
-        Path(f"{args.out}.md").write_text(markdown)
+        write_report(args.out, report, markdown)
 
 
 def wait_ready(process, port: int, log: Path) -> None:

@@ -15,7 +15,6 @@ them); the rate is variants per second. Writes OUT.json and OUT.md with the CPU 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from pathlib import Path
@@ -24,24 +23,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_RANGE = (2800, 3400)  # nt: a long 3'UTR, 6-7 windows of 510 6-mers
-
-
-def classifier_bundle(work: Path) -> Path:
-    """A full-size k=6 binary classifier (random weights) saved by multimolecule, built into an fp32 + int8 bundle."""
-    bundle = work / "bundle"
-    if (bundle / "manifest.json").is_file():
-        return bundle
-    import multimolecule
-    import torch
-
-    from utrexport import checkpoints
-    from utrexport.build import build_bundle
-
-    torch.manual_seed(0)
-    config = multimolecule.UtrBertConfig(nmers=6, num_labels=1, problem_type="binary")
-    multimolecule.UtrBertForSequencePrediction(config).eval().save_pretrained(work / "checkpoint")
-    build_bundle(checkpoints.from_folder(work / "checkpoint", 6), bundle, ("fp32", "int8"), log=print)
-    return bundle
 
 
 def paper_rate(checkpoint: Path, seq: str, edits, k: int = 6) -> float:
@@ -92,9 +73,10 @@ def main() -> None:
     from utr_calibration import real_sequences
     from utr_runtime.variants import saturation
     from utr_runtime.windows import split_windows
-    from utrexport.benchmark import describe_machine, machine
+    from utrexport.benchmark import describe_machine, machine, random_bundle, write_report
 
-    bundle = classifier_bundle(args.work)
+    # a full-size k=6 binary classifier (random weights), built into an fp32 + int8 bundle
+    checkpoint, bundle = random_bundle(args.work, "UtrBertForSequencePrediction", ("fp32", "int8"), num_labels=1, problem_type="binary")
     windows = [s for _, s in real_sequences("utrbert_dev_100nt.tsv")[:2]]
     long = next(s for _, s in sorted(real_sequences(), key=lambda r: len(r[1])) if LONG_RANGE[0] <= len(s) <= LONG_RANGE[1])
     cases = [(f"100-nt window {i + 1}", w, saturation(w), saturation(w)) for i, w in enumerate(windows)]
@@ -105,7 +87,7 @@ def main() -> None:
     for name, seq, paper_edits, edits in cases:
         row = {"sequence": name, "length": len(seq), "windows": len(split_windows(0, len(seq) - 5, 510, 64)),
                "paper_variants": len(paper_edits), "variants": len(edits)}
-        row["paper"] = paper_rate(args.work / "checkpoint", seq, paper_edits)
+        row["paper"] = paper_rate(checkpoint, seq, paper_edits)
         for precision in ("fp32", "int8"):
             row[precision], row[f"{precision}_engine"] = utrexport_rate(bundle, precision, seq, edits)
         rows.append(row)
@@ -115,8 +97,7 @@ def main() -> None:
     text = to_markdown(result, describe_machine(result["machine"]))
     print(text)
     if args.out:
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(text)
+        write_report(args.out, result, text)
 
 
 def to_markdown(result: dict, where: str) -> str:

@@ -19,7 +19,6 @@ Writes OUT.json and OUT.md with the CPU model and its ISA flags.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 import warnings
@@ -29,23 +28,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = ((140, 160), (450, 520), (950, 1050))  # nt: whole 3'UTRs of about 150, 500 and 1,000 nt (1 or 2 windows at k=6)
-
-
-def mlm_bundle(work: Path, name: str, precisions: tuple[str, ...], **config) -> tuple[Path, Path]:
-    """A k=6 masked-LM (random weights) saved by multimolecule, built into a bundle: (checkpoint, bundle)."""
-    checkpoint, bundle = work / f"{name}-checkpoint", work / name
-    if (bundle / "manifest.json").is_file():
-        return checkpoint, bundle
-    import multimolecule
-    import torch
-
-    from utrexport import checkpoints
-    from utrexport.build import build_bundle
-
-    torch.manual_seed(0)
-    multimolecule.UtrBertForMaskedLM(multimolecule.UtrBertConfig(nmers=6, **config)).eval().save_pretrained(checkpoint)
-    build_bundle(checkpoints.from_folder(checkpoint, 6), bundle, precisions, log=print)
-    return checkpoint, bundle
 
 
 def naive_rate(checkpoint: Path, seq: str, positions: list[int], k: int = 6) -> float:
@@ -133,13 +115,14 @@ def vcf_run(bundle: Path, folder: Path, vcf: Path, precision: str) -> dict:
     """`utrexport variants --vcf VCF -o OUT.vcf.gz` in this process (scoring.score_file, as the command runs it)."""
     from utrexport import scoring
 
-    output = folder / f"scored-{bundle.name}-{precision}.vcf.gz"
+    name = bundle.parent.name  # "full-size" or "tiny": the folder random_bundle made it in
+    output = folder / f"scored-{name}-{precision}.vcf.gz"
     run = scoring.VariantRun(vcf=str(vcf), regions=(str(folder / "genome.fa"), str(folder / "utrs.bed"), "bed", None), force=True,
                              load={"precision": precision})
     start = time.perf_counter()
     rows, sequences = scoring.score_file(str(bundle), str(output), run, log=lambda m: None)
     seconds = time.perf_counter() - start
-    return {"bundle": bundle.name, "precision": precision, "entries": rows, "regions": sequences, "seconds": seconds, "rate": rows / seconds}
+    return {"bundle": name, "precision": precision, "entries": rows, "regions": sequences, "seconds": seconds, "rate": rows / seconds}
 
 
 def overhead(folder: Path, vcf: Path) -> dict:
@@ -181,10 +164,11 @@ def main() -> None:
 
     from utr_calibration import real_sequences
     from utr_runtime.engines.openvino import bf16_supported
-    from utrexport.benchmark import describe_machine, machine
+    from utrexport.benchmark import describe_machine, machine, random_bundle, write_report
 
-    checkpoint, bundle = mlm_bundle(args.work, "full-size", ("fp32", "int8"))
-    _, tiny = mlm_bundle(args.work, "tiny", ("fp32",), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    checkpoint, bundle = random_bundle(args.work / "full-size", "UtrBertForMaskedLM", ("fp32", "int8"))
+    _, tiny = random_bundle(args.work / "tiny", "UtrBertForMaskedLM", ("fp32",), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64)
     earlier = json.loads(args.out.with_suffix(".json").read_text()) if args.out and args.out.with_suffix(".json").is_file() else {}
     precisions = ("fp32", "int8", *(("bf16",) if bf16_supported() else ()))
     rows = earlier.get("rows", [])
@@ -225,8 +209,7 @@ def main() -> None:
     text = to_markdown(result, describe_machine(result["machine"]))
     print(text)
     if args.out:
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(text)
+        write_report(args.out, result, text)
 
 
 def to_markdown(result: dict, where: str) -> str:

@@ -491,6 +491,38 @@ def describe_machine(m: dict) -> str:
     return f"{m['cpu']} ({', '.join(m.get('isa', [])) or 'no AVX2'}), {m['cores']} cores"
 
 
+def write_report(prefix, result: dict, markdown: str) -> None:
+    """A benchmark's PREFIX.json (its figures) and PREFIX.md (its report), the folder made if need be."""
+    import json
+    from pathlib import Path
+
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}.json").write_text(json.dumps(result, indent=1) + "\n")
+    Path(f"{prefix}.md").write_text(markdown)
+
+
+def random_bundle(folder, model_class: str, precisions: tuple[str, ...], log=print, **config):
+    """(checkpoint, bundle): a k=6 multimolecule `model_class` with seeded random weights, saved in FOLDER/checkpoint
+    and built into FOLDER/bundle; both kept and reused by later runs. The model of the benchmark scripts: speed does
+    not depend on the weights."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    checkpoint, bundle = folder / "checkpoint", folder / "bundle"
+    if (bundle / "manifest.json").is_file():
+        return checkpoint, bundle
+    import multimolecule
+    import torch
+
+    from . import checkpoints
+    from .build import build_bundle
+
+    torch.manual_seed(0)
+    getattr(multimolecule, model_class)(multimolecule.UtrBertConfig(nmers=6, **config)).eval().save_pretrained(checkpoint)
+    build_bundle(checkpoints.from_folder(checkpoint, 6), bundle, precisions, log=log, force=True)
+    return checkpoint, bundle
+
+
 # ------------------------------------------------------------------------------------------------ report
 def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, device: str = "cpu", precisions=None,
                   e2e_sequences: int = 24, torch: bool = True, tokenizer: bool = True, memory: bool = True, engines=None,
