@@ -4,6 +4,7 @@
                        engines, parity results, and the sha256 of every other file
     tokenizer.json     the KmerTokenizer spec
     model.<precision>.onnx
+    model.int8-openvino.xml/.bin   OpenVINO's own int8 (IR), where it measured closer to fp32 than model.int8.onnx
     fixtures.npz       token ids and masks of real sequences with float32 PyTorch reference outputs
 
 Reading a bundle checks the manifest and format version; every file is checked against its checksum before it
@@ -18,6 +19,7 @@ import os
 import re
 import stat
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import BundleError
 from .tokenizer import KmerTokenizer
@@ -35,6 +37,16 @@ ALLOWED_OPS = {("", op) for op in (
     "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze",
     "Where",
 )}
+OPENVINO_IR = "openvino-ir"  # a variant's "format" when it is an OpenVINO IR (file: the .xml, weights: the .bin)
+
+
+class OpenVinoIr(NamedTuple):
+    """An OpenVINO IR model as checked bytes: OpenVINO reads it from memory, so no path in the XML is ever followed."""
+
+    xml: bytes
+    weights: bytes
+
+
 # bf16 is no file: the fp32 model run with bf16 inference (OpenVINO, CPUs with native bf16).
 RUNTIME_PRECISIONS = PRECISIONS + ("bf16",)
 
@@ -132,12 +144,15 @@ class Bundle:
             self._checked.add(name)
         return data
 
-    def read_model(self, name: str) -> bytes:
-        """An ONNX model's checked bytes, judged before any engine sees them: no data from other files (the manifest
+    def read_model(self, name: str) -> "bytes | OpenVinoIr":
+        """A model's checked bytes: an OpenVINO IR variant's XML and weights, or an ONNX model's, judged before any engine sees them: no data from other files (the manifest
         checks none), no subgraphs or functions, only operators the exporter writes, and a position table that covers
         max_tokens (longer windows would run past it)."""
         from .onnx_facts import NotAModel, model_facts
 
+        ir = self._ir_variant(name)
+        if ir:
+            return OpenVinoIr(self.read(name), self.read(ir["weights"]))
         data = self.read(name)
         try:
             facts = model_facts(data)
@@ -168,23 +183,31 @@ class Bundle:
         return self.path / name
 
     def model_name(self, precision: str, device: str = "cpu", engine: str = "onnxruntime") -> str:
-        """The ONNX file a precision runs on an engine: bf16 runs the fp32 file; where the manifest names a
-        variant for this device, that one: int8 on ONNX Runtime's "cpu" (its fast u8s8 scheme), int8 for "tensorrt"
-        (Q/DQ around fp16 float parts; what `utrexport engine` builds from)."""
+        """The model file a precision runs on an engine: bf16 runs the fp32 file; where the manifest names a
+        variant for this device or engine, that one: int8 on ONNX Runtime's "cpu" (its fast u8s8 scheme), int8 for
+        "tensorrt" (Q/DQ around fp16 float parts; what `utrexport engine` builds from), int8 on "openvino" (NNCF's IR,
+        where the build kept it). Bundles without such a variant run the precision's own file."""
         entry = self._model_entry(precision)
-        variant = entry.get("variants", {}).get(device) if engine == "onnxruntime" else None
+        variant = entry.get("variants", {}).get(device if engine == "onnxruntime" else engine)
         return (variant or entry)["file"]
 
     def model_file(self, precision: str, device: str = "cpu", engine: str = "onnxruntime") -> Path:
         return self.file(self.model_name(precision, device, engine))
 
-    def model_names(self, precision: str) -> dict[str, str]:
-        """Every ONNX file of a precision, by label: the precision itself and "<precision>/<variant>"."""
+    def model_names(self, precision: str, engine: str | None = None) -> dict[str, str]:
+        """Every model file of a precision, by label: the precision itself and "<precision>/<variant>"; with an
+        engine, those it runs (an OpenVINO IR runs on OpenVINO only)."""
         entry = self._model_entry(precision)
-        return {precision: entry["file"], **{f"{precision}/{name}": v["file"] for name, v in entry.get("variants", {}).items()}}
+        names = {precision: entry["file"], **{f"{precision}/{name}": v["file"] for name, v in entry.get("variants", {}).items()}}
+        return {label: name for label, name in names.items() if engine in (None, "openvino") or not self._ir_variant(name)}
 
-    def model_variants(self, precision: str) -> dict[str, Path]:
-        return {label: self.file(name) for label, name in self.model_names(precision).items()}
+    def model_variants(self, precision: str, engine: str | None = None) -> dict[str, Path]:
+        return {label: self.file(name) for label, name in self.model_names(precision, engine).items()}
+
+    def _ir_variant(self, name: str) -> dict | None:
+        """The variant record of an OpenVINO IR file of this name, if it is one."""
+        return next((v for entry in self.manifest["models"].values() for v in entry.get("variants", {}).values()
+                     if v["file"] == name and v.get("format") == OPENVINO_IR), None)
 
     def _model_entry(self, precision: str) -> dict:
         if precision not in RUNTIME_PRECISIONS:
@@ -280,6 +303,9 @@ def _check_schema(m: dict, where: Path) -> None:
         fail(f"the manifest names a file {outside[0]!r}: only plain names inside the bundle are allowed")
     if not _files_by_key(m["models"]) or not all(_files_by_key(v.get("variants", {})) for v in m["models"].values()):
         fail("'models' must map precisions to objects with a 'file' (and 'variants' devices to such objects)")
+    if not all(isinstance(v.get("weights"), str) for e in m["models"].values() for v in e.get("variants", {}).values()
+               if v.get("format") == OPENVINO_IR):
+        fail(f"a variant of format {OPENVINO_IR!r} must name its 'weights' file")
     if not isinstance(m.get("left_out", {}), dict) or not all(isinstance(v, list) for v in m.get("left_out", {}).values()):
         fail("'left_out' must map precisions to the failures that left them out")
     engines = m.get("engines", {})

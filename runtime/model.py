@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .bundle import Bundle
-from .engines import choose_engine, open_runner
+from .engines import choose_engine, inference_precision, open_runner
 from .errors import BundleError, InputError, InputWarning, UntrainedModelWarning, UtrError
 from .parity import task_outputs
 from .tokenizer import foreign_fraction, foreign_letter, short_pieces
@@ -30,7 +30,8 @@ def load(bundle: str | os.PathLike | Bundle, precision: str = "fp32", device: st
     precision: "fp32", "fp16", "int8", or "bf16" (the fp32 model in bf16; OpenVINO on CPUs with native bf16).
     device: "cpu" or "cuda" (ONNX Runtime), or "tensorrt" (a TensorRT engine built into the bundle).
     engine: "auto" (OpenVINO on the CPU where installed, else ONNX Runtime), "onnxruntime" or "openvino".
-    int8 means the bundle's symmetric int8 file on OpenVINO and TensorRT, and its u8s8 CPU file on ONNX Runtime's CPU.
+    int8 means the bundle's symmetric int8 file on TensorRT, its u8s8 CPU file on ONNX Runtime's CPU, and on OpenVINO
+    its NNCF model where the build kept one (else the symmetric file), with bf16 float parts where the CPU has bf16.
     """
     if not isinstance(bundle, Bundle):
         bundle = Bundle(bundle)
@@ -43,8 +44,7 @@ def load(bundle: str | os.PathLike | Bundle, precision: str = "fp32", device: st
     else:
         engine = choose_engine(engine, device, precision)
         name = bundle.model_name(precision, device, engine)
-        runner = open_runner(bundle.read_model(name), device, threads, engine, inference_precision="bf16" if precision == "bf16" else "f32",
-                             name=str(bundle.path / name))
+        runner = open_runner(bundle.read_model(name), device, threads, engine, inference_precision(precision, engine), name=str(bundle.path / name))
     if not bundle.trained:
         warnings.warn(UntrainedModelWarning.sentence(bundle.path), UntrainedModelWarning, stacklevel=2)
     return Model(bundle, runner, precision, device)

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 
 from .bundle import Bundle
-from .engines import installed, open_runner
+from .engines import inference_precision, installed, open_runner
 from .errors import BundleError
 from .parity import TOLERANCES, compare
 
@@ -104,8 +104,8 @@ def _runners(bundle: Bundle, precisions, device: str, threads, engines):
                 name = bundle.model_name("bf16")
                 yield "bf16", "bf16", open_runner(bundle.read_model(name), device, threads, engine, inference_precision="bf16", name=name)
                 continue
-            for label, name in bundle.model_names(precision).items():
-                yield label, precision, open_runner(bundle.read_model(name), device, threads, engine, name=name)
+            for label, name in bundle.model_names(precision, engine).items():  # what runs: int8's float parts as load runs them
+                yield label, precision, open_runner(bundle.read_model(name), device, threads, engine, inference_precision(precision, engine), name=name)
 
 
 def runnable_precisions(bundle: Bundle, engine: str) -> list[str]:

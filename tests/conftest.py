@@ -165,12 +165,12 @@ def expected_rows(bundle) -> set[tuple[str, str]]:
     ONNX Runtime, and on OpenVINO where installed, with bf16 where this CPU runs it natively."""
     from utr_runtime.engines import installed
 
-    labels = {label for p in bundle.precisions for label in bundle.model_variants(p)}
-    rows = {(label, "onnxruntime") for label in labels}
+    rows = {(label, "onnxruntime") for p in bundle.precisions for label in bundle.model_names(p, "onnxruntime")}
     if installed("openvino"):
         from utr_runtime.engines.openvino import bf16_supported
 
-        rows |= {(label, "openvino") for label in labels} | ({("bf16", "openvino")} if bf16_supported() else set())
+        rows |= {(label, "openvino") for p in bundle.precisions for label in bundle.model_names(p, "openvino")}
+        rows |= {("bf16", "openvino")} if bf16_supported() else set()
     return rows
 
 

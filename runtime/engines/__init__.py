@@ -34,15 +34,30 @@ def choose_engine(engine: str, device: str = "cpu", precision: str = "fp32") -> 
     return "onnxruntime"
 
 
-def open_runner(model: bytes | str | os.PathLike, device: str = "cpu", threads: int | None = None, engine: str = "onnxruntime",
-                inference_precision: str = "f32", name: str | None = None):
-    """A runner for an ONNX model (its bytes, as Bundle.read_model checked them, or a file): ONNX Runtime on "cpu" or
-    "cuda", OpenVINO on "cpu". name: what errors call the model (default: the file).
+def inference_precision(precision: str, engine: str) -> str:
+    """The precision of the float parts a bundle precision runs in on an engine: "bf16" for bf16 (the fp32 model in
+    bf16), and for int8 on OpenVINO where the CPU has native bf16 (its LayerNorm, GELU, softmax and residuals: faster at
+    the same accuracy, docs/int8.md); "f32" otherwise."""
+    if precision == "bf16":
+        return "bf16"  # on any engine: open_runner says where bf16 runs
+    if precision != "int8" or engine != "openvino":
+        return "f32"
+    from .openvino import bf16_supported
 
-    inference_precision: "f32", or "bf16" (OpenVINO on a CPU with native bf16: an fp32 model run in bf16).
+    return "bf16" if bf16_supported() else "f32"
+
+
+def open_runner(model, device: str = "cpu", threads: int | None = None, engine: str = "onnxruntime",
+                inference_precision: str = "f32", name: str | None = None):
+    """A runner for a model: an ONNX model's bytes as Bundle.read_model checked them, or a file, on ONNX Runtime ("cpu"
+    or "cuda") or OpenVINO ("cpu"); or an OpenVINO IR (Bundle.read_model's OpenVinoIr, or an .xml file) on OpenVINO.
+    name: what errors call the model (default: the file).
+    inference_precision: "f32", or "bf16" (OpenVINO on a CPU with native bf16: the model's float parts in bf16).
     """
-    name = name or ("the model" if isinstance(model, bytes) else os.fspath(model))
-    model = model if isinstance(model, bytes) else os.fspath(model)
+    from ..bundle import OpenVinoIr
+
+    name = name or ("the model" if isinstance(model, (bytes, OpenVinoIr)) else os.fspath(model))
+    model = model if isinstance(model, (bytes, OpenVinoIr)) else os.fspath(model)
     if device == "tensorrt":
         raise UtrError("device='tensorrt' runs a TensorRT engine file, not ONNX: use utr_runtime.load(bundle, device='tensorrt')")
     if device not in DEVICES:
@@ -52,6 +67,8 @@ def open_runner(model: bytes | str | os.PathLike, device: str = "cpu", threads: 
         from .openvino import OpenVinoRunner
 
         return OpenVinoRunner(model, device=device, threads=threads, inference_precision=inference_precision, name=name)
+    if isinstance(model, OpenVinoIr) or (isinstance(model, str) and model.endswith(".xml")):
+        raise UtrError(f"{name} is an OpenVINO model: it runs with engine='openvino'")
     if inference_precision != "f32":
         raise UtrError(f"{inference_precision} inference runs on OpenVINO only: pip install 'utrexport[openvino]' and use engine='openvino'")
     from .onnxruntime import OnnxRuntimeRunner

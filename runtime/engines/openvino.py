@@ -1,7 +1,9 @@
 """OpenVINO runner (CPU): reads the bundle's ONNX files as they are, opset 23 Attention included.
 
 Inference precision is explicit, because OpenVINO's CPU plugin otherwise runs float models in bf16 wherever the
-CPU has native bf16: "f32" for the fp32 and fp16 files, "bf16" for precision="bf16" (the fp32 file, bf16 inside).
+CPU has native bf16: "f32" for the fp32 and fp16 files, "bf16" for precision="bf16" (the fp32 file, bf16 inside) and
+for int8's float parts on such CPUs (engines.inference_precision).
+Models: ONNX (bytes or a file), or OpenVINO IR (the bundle's NNCF int8: XML and weights as checked bytes, or an .xml file).
 The model is compiled once per runner (about 1-2 s for a full-size model). OpenVINO can cache compiled blobs, but a
 full-size int8 blob is about 140 MB and saves about 0.7 s per load, so no cache is written.
 A runner may be shared between threads: each concurrent run has an infer request of its own.
@@ -9,6 +11,7 @@ A runner may be shared between threads: each concurrent run has an infer request
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -19,6 +22,7 @@ from ..errors import UtrError, engine_failed
 INFERENCE_PRECISIONS = {"f32": "f32", "bf16": "bf16"}
 
 
+@functools.cache
 def bf16_supported() -> bool:
     """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX), as OpenVINO reports it."""
     return "BF16" in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -32,10 +36,20 @@ def _core():
     return openvino.Core()
 
 
+def _read(core, model):
+    from ..bundle import OpenVinoIr
+
+    if isinstance(model, OpenVinoIr):  # from memory: the weights are the checked bytes, and no path is opened
+        import openvino
+
+        return core.read_model(model.xml, openvino.Tensor(np.frombuffer(model.weights, np.uint8)))
+    return core.read_model(model)
+
+
 class OpenVinoRunner:
     engine = "openvino"
 
-    def __init__(self, model: bytes | str, device: str = "cpu", threads: int | None = None, inference_precision: str = "f32",
+    def __init__(self, model, device: str = "cpu", threads: int | None = None, inference_precision: str = "f32",
                  name: str = "the model"):
         if device != "cpu":
             raise UtrError(f"the OpenVINO runner runs on device='cpu', not {device!r}")
@@ -45,7 +59,7 @@ class OpenVinoRunner:
         if inference_precision == "bf16" and not bf16_supported():
             raise UtrError("bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX); this one has neither: use fp32 or int8")
         try:
-            model = core.read_model(model)
+            model = _read(core, model)
             # Names from the model as read: compiling may rename outputs whose producers it fuses.
             self.input_names = [port.get_any_name() for port in model.inputs]
             self.output_names = [port.get_any_name() for port in model.outputs]
