@@ -130,7 +130,8 @@ def _build_into(work: Path, checkpoint: Checkpoint, precisions, calibration: Cal
 def _keep_closer_openvino_int8(work: Path, manifest: dict, log) -> None:
     """OpenVINO's int8 is NNCF's model only where it measured closer to fp32 than the Q/DQ file on OpenVINO, for every
     output (cosine to the reference, and a task's probability error): else it is removed and the comparison recorded.
-    NNCF won on the full-size model and lost on the small trained classifier (docs/int8.md): it is judged per model."""
+    NNCF won on the full-size model (docs/int8.md) and lost on the small trained classifier (docs/task_accuracy.md):
+    it is judged per model."""
     rows = {(r["precision"], r["output"]): r for r in manifest["parity"] if r["engine"] == "openvino"}
     losses = [f"{output}: cosine {r['mean_cosine']:.5f} against {rows[('int8', output)]['mean_cosine']:.5f}"
               + (f", probability error {r['prob_max_abs']:.3g} against {rows[('int8', output)]['prob_max_abs']:.3g}" if r.get("prob_max_abs") is not None else "")

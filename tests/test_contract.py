@@ -132,7 +132,7 @@ def test_every_precision_runs_without_mask_positions(all_precisions):
     tok = bundle.tokenizer()
     ids, mask = tok.pad(tok.encode_batch([s for _, s in real_sequences()[:3]], max_length=200))
     for precision in bundle.precisions:
-        for name in {v: None for v in bundle.model_variants(precision).values()}:
+        for name in {v: None for v in bundle.model_variants(precision, "onnxruntime").values()}:
             session = ort.InferenceSession(str(bundle.path / name), providers=["CPUExecutionProvider"])
             out = dict(zip([o.name for o in session.get_outputs()],
                            session.run(None, {"input_ids": ids, "attention_mask": mask, "mask_positions": np.zeros((3, 0), np.int64)})))
