@@ -152,13 +152,14 @@ class Path:
     model: object = None  # the utr_runtime Model of a bundle path
 
 
-def path_keys(bundle, device: str, precisions=None, torch: bool = True, engines=None) -> list[str]:
+def path_keys(bundle, device: str, precisions=None, torch: bool = True, engines=None, int8_variants: bool = False) -> list[str]:
     """Every path to time, in order; the first is the baseline the others are compared with.
 
     "multimolecule" (if installed) and "module" are PyTorch with the bundle's architecture and random weights
     (speed does not depend on the values); on a GPU device they run on CUDA, "module-fp16" too. Then the bundle's
     models: "<engine>:<precision>" for each engine (every installed one on the CPU) and precision (the bundle's,
-    and bf16 on OpenVINO where the CPU has it), or "tensorrt:<precision>" engines.
+    and bf16 on OpenVINO where the CPU has it), or "tensorrt:<precision>" engines. int8_variants: also every other
+    int8 file each engine runs, "<engine>:int8@<file>" (what `load` would run instead with another bundle).
     """
     from utr_runtime.verify import default_engines, runnable_precisions
 
@@ -170,6 +171,9 @@ def path_keys(bundle, device: str, precisions=None, torch: bool = True, engines=
     for engine in engines or default_engines(device):
         available = runnable_precisions(bundle, engine)
         keys += [f"{engine}:{p}" for p in (precisions or available) if p in available]
+        if int8_variants and "int8" in available and "int8" in (precisions or available):
+            chosen = bundle.model_name("int8", device, engine)
+            keys += [f"{engine}:int8@{name}" for name in bundle.model_names("int8", engine).values() if name != chosen]
     return keys
 
 
@@ -182,12 +186,18 @@ def make_path(key: str, bundle, threads: int, device: str) -> Path:
         import utr_runtime
 
         engine, precision = key.split(":")
+        precision, _, file = precision.partition("@")
         if engine == "tensorrt":
             model = utr_runtime.load(bundle, precision=precision, device="tensorrt")
+        elif file:  # one int8 file of several: run as `load` runs its precision on this engine, float parts included
+            from utr_runtime.engines import inference_precision, open_runner
+
+            runner = open_runner(bundle.read_model(file), device, threads, engine, inference_precision(precision, engine), name=file)
+            model = utr_runtime.Model(bundle, runner, precision, device)
         else:
             model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads, engine=engine)
         where = "" if engine == "tensorrt" else f" ({device})"
-        return Path(f"{ENGINE_NAMES[engine]} {precision}{where}", lambda i, m: model.forward(i, m), path_dtype(precision), model)
+        return Path(f"{ENGINE_NAMES[engine]} {precision}{' ' + file if file else ''}{where}", lambda i, m: model.forward(i, m), path_dtype(precision), model)
     import torch
 
     torch.set_num_threads(threads)
@@ -294,7 +304,7 @@ def cold_start(key: str, bundle_path: str, threads: int) -> float:
     import subprocess
     import sys
 
-    if ":" not in key:
+    if ":" not in key or "@" in key:  # PyTorch, or one int8 file of several: `load` opens neither
         return float("nan")
     engine, precision = key.split(":")
     seq = fixed_length_sequences(1, 500)[0]
@@ -526,7 +536,7 @@ def random_bundle(folder, model_class: str, precisions: tuple[str, ...], log=pri
 # ------------------------------------------------------------------------------------------------ report
 def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, device: str = "cpu", precisions=None,
                   e2e_sequences: int = 24, torch: bool = True, tokenizer: bool = True, memory: bool = True, engines=None,
-                  log=lambda m: None) -> dict:
+                  int8_variants: bool = False, log=lambda m: None) -> dict:
     """Everything in one process: ceilings, model paths per shape, predict, end to end on real 3'UTRs, tokenizer."""
     import datetime
 
@@ -541,7 +551,7 @@ def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, dev
     if device == "cpu":
         log(f"measuring GEMM ceilings per data type ({', '.join(engines)})")
         ceilings = gemm_ceilings(engines, threads)
-    keys = path_keys(bundle, device, precisions, torch, engines)
+    keys = path_keys(bundle, device, precisions, torch, engines, int8_variants)
     paths = [make_path(key, bundle, threads, device) for key in keys]
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -558,7 +568,7 @@ def run_benchmark(bundle, shapes=SHAPES, repeats: int = 5, threads: int = 2, dev
                             for key, p in zip(keys, paths)]
         if device == "cpu":
             log("cold start of each bundle path: import + load + first embed in a fresh process")
-            result["cold_start"] = [{"path": p.name, "seconds": cold_start(key, str(bundle.path), threads)} for key, p in zip(keys, paths) if ":" in key]
+            result["cold_start"] = [{"path": p.name, "seconds": cold_start(key, str(bundle.path), threads)} for key, p in zip(keys, paths) if ":" in key and "@" not in key]
     if bundle.has_lm_head and torch and device == "cpu":
         log("fill-mask: one mask in a 500-token window")
         rows = bench_fill_mask(utr_runtime.load(bundle, threads=threads, engine=engines[0]), max(3, repeats))

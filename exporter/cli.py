@@ -541,10 +541,11 @@ def serve(bundles, host, http_port, grpc_port, metrics_port, api_key, api_key_fi
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch paths.")
 @click.option("--no-tokenizer", is_flag=True, help="Skip the tokenizer benchmark.")
 @click.option("--no-memory", is_flag=True, help="Skip the fresh-process runs of each path (peak memory, cold start).")
+@click.option("--int8-variants", is_flag=True, help="Also time every other int8 file each engine runs (the Q/DQ files, NNCF's OpenVINO model).")
 @click.option("--out", "out_prefix", type=click.Path(path_type=str), help="Write OUT.json and OUT.md (and OUT.png with --plot).")
 @click.option("--plot", is_flag=True, help="Also draw a PNG chart of throughput per path and shape.")
 @_fail_cleanly
-def bench(bundle, shapes, repeats, threads, device, precision, engines, e2e_sequences, no_torch, no_tokenizer, no_memory, out_prefix, plot) -> None:
+def bench(bundle, shapes, repeats, threads, device, precision, engines, e2e_sequences, no_torch, no_tokenizer, no_memory, int8_variants, out_prefix, plot) -> None:
     """Time every path (PyTorch; each engine x precision) against this machine's GEMM ceiling of its data type."""
     try:
         shape_list = [tuple(int(x) for x in s.lower().split("x")) for s in shapes.split(",") if s.strip()]
@@ -559,7 +560,7 @@ def bench(bundle, shapes, repeats, threads, device, precision, engines, e2e_sequ
         warnings.simplefilter("ignore", utr_runtime.UntrainedModelWarning)  # said once above, not once per path
         result = benchmark.run_benchmark(bundle, shape_list, repeats, threads, device, precisions, e2e_sequences,
                                          torch=not no_torch, tokenizer=not no_tokenizer, memory=not no_memory,
-                                         engines=list(engines) or None, log=_log)
+                                         engines=list(engines) or None, int8_variants=int8_variants, log=_log)
     result["command"] = "utrexport " + " ".join(sys.argv[1:])
     report = benchmark.to_markdown(result)
     click.echo(report)

@@ -56,3 +56,19 @@ def test_bench_times_predict_on_a_task_bundle(task_bundle, tmp_path):
     rows = json.loads((tmp_path / "b.json").read_text())["predict"]
     assert [r["path"] for r in rows] == ["multimolecule forward (PyTorch)", "utr_runtime predict, ONNX Runtime fp32 (cpu)"]
     assert all(r["sequences_per_s"] > 0 for r in rows)
+
+
+def test_bench_times_every_int8_file_per_engine(all_precisions, tmp_path):
+    """--int8-variants: besides what `load` runs for int8 on each engine, every other int8 file that engine runs, in
+    the same interleaved rounds as fp32 (the speedups are against its first path)."""
+    out = tmp_path / "bench"
+    args = ["bench", str(all_precisions), "--shapes", "1x24", "--repeats", "1", "--e2e-sequences", "0", "--no-torch",
+            "--no-tokenizer", "--precision", "fp32,int8", "--int8-variants", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    paths = {r["path"] for r in json.loads((tmp_path / "bench.json").read_text())["shapes"]}
+    expected = {"ONNX Runtime fp32 (cpu)", "ONNX Runtime int8 (cpu)", "ONNX Runtime int8 model.int8.onnx (cpu)",
+                "ONNX Runtime int8 model.int8-fp16.onnx (cpu)"}
+    if installed("openvino"):
+        expected |= {"OpenVINO int8 (cpu)", "OpenVINO int8 model.int8.onnx (cpu)", "OpenVINO int8 model.int8-cpu.onnx (cpu)"}
+    assert expected <= paths and not any("model.int8-openvino.xml" in p and "ONNX Runtime" in p for p in paths), paths
