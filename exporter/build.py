@@ -132,25 +132,31 @@ def _keep_closer_openvino_int8(work: Path, manifest: dict, log) -> None:
     output (cosine to the reference, and a task's probability error): else it is removed and the comparison recorded.
     NNCF won on the full-size model (docs/int8.md) and lost on the small trained classifier (docs/task_accuracy.md):
     it is judged per model."""
-    rows = {(r["precision"], r["output"]): r for r in manifest["parity"] if r["engine"] == "openvino"}
-    losses = [f"{output}: cosine {r['mean_cosine']:.5f} against {rows[('int8', output)]['mean_cosine']:.5f}"
-              + (f", probability error {r['prob_max_abs']:.3g} against {rows[('int8', output)]['prob_max_abs']:.3g}" if r.get("prob_max_abs") is not None else "")
-              for (label, output), r in rows.items() if label == "int8/openvino" and _worse(r, rows[("int8", output)])]
-    if not rows:
+    entry = manifest["models"]["int8"]
+    if "openvino" not in entry["variants"]:
         return
+    rows = {(r["precision"], r["output"]): r for r in manifest["parity"] if r["engine"] == "openvino"}
+    pairs = [(output, r, rows.get(("int8", output))) for (label, output), r in rows.items() if label == "int8/openvino"]
+    losses = ["not compared (OpenVINO did not run it)"] if not pairs or any(q is None for _, _, q in pairs) else [
+        f"{output}: cosine {r['mean_cosine']:.5f} against {q['mean_cosine']:.5f}"
+        + (f", probability error {r['prob_max_abs']:.3g} against {q['prob_max_abs']:.3g}" if r.get("prob_max_abs") is not None else "")
+        for output, r, q in pairs if _worse(r, q)]
     if not losses:
-        hidden = rows.get(("int8/openvino", "last_hidden_state")), rows.get(("int8", "last_hidden_state"))
+        hidden = rows[("int8/openvino", "last_hidden_state")], rows[("int8", "last_hidden_state")]
         log(f"OpenVINO runs NNCF's int8 model: closer to fp32 on every output (token cosine {hidden[0]['mean_cosine']:.5f} "
             f"against {hidden[1]['mean_cosine']:.5f} for model.int8.onnx)")
         return
-    entry = manifest["models"]["int8"]
     variant = entry["variants"].pop("openvino")
-    for name in (variant["file"], variant["weights"]):
-        (work / name).unlink(missing_ok=True)
-        manifest["files"].pop(name, None)
+    _remove_files(work, manifest, [variant["file"], variant["weights"]])
     manifest["parity"] = [r for r in manifest["parity"] if r["precision"] != "int8/openvino"]
     entry["not_kept"] = {"openvino": {"scheme": variant["scheme"], "quantizer": variant["quantizer"], "why": "; ".join(losses)}}
     log(f"OpenVINO runs model.int8.onnx: NNCF's int8 model was not closer to fp32 ({'; '.join(losses)})")
+
+
+def _remove_files(work: Path, manifest: dict, names) -> None:
+    for name in filter(None, names):
+        (work / name).unlink(missing_ok=True)
+        manifest["files"].pop(name, None)
 
 
 def _worse(candidate: dict, incumbent: dict) -> bool:
@@ -164,9 +170,7 @@ def _leave_out(work: Path, manifest: dict, precisions: list[str], rows: list[dic
     reasons = {}
     for precision in precisions:
         entry = manifest["models"].pop(precision, {"file": None})  # bf16 has no file of its own
-        for name in filter(None, [entry["file"], *(v[key] for v in entry.get("variants", {}).values() for key in ("file", "weights") if key in v)]):
-            (work / name).unlink(missing_ok=True)
-            manifest["files"].pop(name, None)
+        _remove_files(work, manifest, [entry["file"], *(v.get(key) for v in entry.get("variants", {}).values() for key in ("file", "weights"))])
         failures = [r for r in rows if r["precision"].split("/")[0] == precision and not r["passed"]]
         reasons[precision] = [
             {k: r.get(k) for k in ("precision", "output", "max_abs", "mean_cosine", "min_cosine", "prob_max_abs", "agreement", "tolerance")}

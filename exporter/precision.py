@@ -131,8 +131,9 @@ def encoder_matmuls(graph) -> list[str]:
 # NNCF's options for the OpenVINO int8 model, measured on the full-size k=6 bundle's fixtures (random weights, 16
 # windows): SmoothQuant off, since with it (NNCF's transformer default, alpha 0.95) the worst token's cosine to fp32
 # fell to 0.9948 (0.9996 without; the Q/DQ file's 0.9979), and on the trained classifier no alpha (0.5, 0.95) beat off
-# by more than one flipped label in 655. The attention's inputs stay float (NNCF would quantize them). Calibrated one window per run, as the Q/DQ files are, on the first OPENVINO_WINDOWS of the
-# (shuffled) calibration windows: NNCF's statistics cost about 1.6 s a window for the full-size model on 2 cores.
+# by more than one flipped label in 655. The attention's inputs stay float (NNCF would quantize them). Calibrated one
+# window per run, as the Q/DQ files are, on the first OPENVINO_WINDOWS of the (shuffled) calibration windows: NNCF's
+# statistics cost about 1.6 s a window for the full-size model on 2 cores.
 OPENVINO_WINDOWS = 16
 OPENVINO_SCHEME = ("NNCF post-training quantization (ModelType.TRANSFORMER, SmoothQuant off, fast bias correction) of "
                    "the encoder's weight MatMuls; OpenVINO IR")
