@@ -53,15 +53,16 @@ def measure(bundle_dir: Path, work: Path) -> list[dict]:
     for engine in ["onnxruntime"] + (["openvino"] if installed("openvino") else []):
         for precision in bundle.precisions:
             for label, name in bundle.model_names(precision, engine).items():
-                runs.append((f"{label} ({name}), {engine}", precision, bundle.read_model(name), engine))
+                runs.append((label, f"{label} ({name}), {engine}", precision, bundle.read_model(name), engine))
         if engine == "openvino" and "not_kept" in bundle.manifest["models"].get("int8", {}):
-            runs.append(("int8/openvino (NNCF, not kept by the build), openvino", "int8", str(_nncf_model(bundle, work)), engine))
+            runs.append(("int8/openvino", "int8/openvino (NNCF, not kept by the build), openvino", "int8", str(_nncf_model(bundle, work)), engine))
     rows, reference = [], None
-    for name, precision, model_file, engine in runs:
+    for label, name, precision, model_file, engine in runs:
         runner = open_runner(model_file, engine=engine, inference_precision=inference_precision(precision, engine))
         p = utr_runtime.Model(bundle, runner, precision, "cpu").predict(sequences)[:, 0]
         reference = p if reference is None else reference
         rows.append({
+            "label": label, "engine": engine,
             "model": name + (f" ({runner.inference_precision} float parts)" if engine == "openvino" and precision == "int8" else ""),
             "auroc": auroc(p, labels),
             "flipped": float(((p >= 0.5) != (reference >= 0.5)).mean()),
