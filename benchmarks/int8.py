@@ -105,20 +105,18 @@ def main() -> None:
 
     import utr_runtime
     from utrexport.benchmark import machine, write_report
+    from utrexport.versions import tool_versions
 
     bundle = utr_runtime.Bundle(args.bundle)
     if "int8" not in bundle.precisions:
         raise SystemExit(f"{args.bundle} has no int8 model: build it with --precision fp32,int8")
     runs = paths(bundle, args.threads)
     config = bundle.manifest["model"]["config"]
-    variant = bundle.manifest["models"]["int8"]["variants"].get("openvino", {}).get("quantizer", {})
     result = {
         "bundle": os.path.relpath(args.bundle, ROOT) if Path(args.bundle).resolve().is_relative_to(ROOT) else args.bundle,
         "model": f"k={bundle.k}, {config['num_hidden_layers']} layers, hidden {config['hidden_size']}",
         "machine": machine(), "threads": args.threads or os.cpu_count(), "shapes": [f"{b}x{n}" for b, n in SHAPES],
-        "tools": ", ".join(f"{k} {v}" for k, v in {"OpenVINO": variant.get("openvino") or __import__("openvino").get_version().split("-")[0],
-                                                    "NNCF": variant.get("nncf", "not used"),
-                                                    "ONNX Runtime": __import__("onnxruntime").__version__}.items()),
+        "tools": ", ".join(f"{k} {v}" for k, v in tool_versions(["openvino", "nncf", "onnxruntime"]).items()),
         "accuracy": accuracy(bundle, runs),
         "speed": speed(bundle, runs, args.repeats),
     }

@@ -45,7 +45,7 @@ def measure(bundle_dir: Path, work: Path) -> list[dict]:
     difference. int8 runs as `load` runs it (on OpenVINO, bf16 float parts where the CPU has native bf16). NNCF's
     OpenVINO int8 is measured even where the build did not keep it (quantized here as the build does, into `work`)."""
     import utr_runtime
-    from utr_runtime.engines import inference_precision, installed, open_runner
+    from utr_runtime.engines import inference_precision, installed, open_bundle_model, open_runner
 
     bundle = utr_runtime.Bundle(bundle_dir)
     sequences, labels, _ = held_out()
@@ -53,12 +53,15 @@ def measure(bundle_dir: Path, work: Path) -> list[dict]:
     for engine in ["onnxruntime"] + (["openvino"] if installed("openvino") else []):
         for precision in bundle.precisions:
             for label, name in bundle.model_names(precision, engine).items():
-                runs.append((label, f"{label} ({name}), {engine}", precision, bundle.read_model(name), engine))
+                runs.append((label, f"{label} ({name}), {engine}", precision, name, engine))
         if engine == "openvino" and "not_kept" in bundle.manifest["models"].get("int8", {}):
             runs.append(("int8/openvino", "int8/openvino (NNCF, not kept by the build), openvino", "int8", str(_nncf_model(bundle, work)), engine))
     rows, reference = [], None
     for label, name, precision, model_file, engine in runs:
-        runner = open_runner(model_file, engine=engine, inference_precision=inference_precision(precision, engine))
+        if model_file in bundle.manifest["files"]:
+            runner = open_bundle_model(bundle, model_file, precision, engine=engine)
+        else:  # NNCF's model the build did not keep, made here
+            runner = open_runner(model_file, engine=engine, inference_precision=inference_precision(precision, engine))
         p = utr_runtime.Model(bundle, runner, precision, "cpu").predict(sequences)[:, 0]
         reference = p if reference is None else reference
         rows.append({

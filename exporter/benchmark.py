@@ -190,10 +190,9 @@ def make_path(key: str, bundle, threads: int, device: str) -> Path:
         if engine == "tensorrt":
             model = utr_runtime.load(bundle, precision=precision, device="tensorrt")
         elif file:  # one int8 file of several: run as `load` runs its precision on this engine, float parts included
-            from utr_runtime.engines import inference_precision, open_runner
+            from utr_runtime.engines import open_bundle_model
 
-            runner = open_runner(bundle.read_model(file), device, threads, engine, inference_precision(precision, engine), name=file)
-            model = utr_runtime.Model(bundle, runner, precision, device)
+            model = utr_runtime.Model(bundle, open_bundle_model(bundle, file, precision, device, threads, engine), precision, device)
         else:
             model = utr_runtime.load(bundle, precision=precision, device=device, threads=threads, engine=engine)
         where = "" if engine == "tensorrt" else f" ({device})"

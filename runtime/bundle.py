@@ -145,9 +145,9 @@ class Bundle:
         return data
 
     def read_model(self, name: str) -> "bytes | OpenVinoIr":
-        """A model's checked bytes: an OpenVINO IR variant's XML and weights, or an ONNX model's, judged before any engine sees them: no data from other files (the manifest
-        checks none), no subgraphs or functions, only operators the exporter writes, and a position table that covers
-        max_tokens (longer windows would run past it)."""
+        """A model's checked bytes: an OpenVINO IR variant's XML and weights, or an ONNX model's, judged before any
+        engine sees them: no data from other files (the manifest checks none), no subgraphs or functions, only
+        operators the exporter writes, and a position table that covers max_tokens (longer windows would run past it)."""
         from .onnx_facts import NotAModel, model_facts
 
         ir = self._ir_variant(name)

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .bundle import Bundle
-from .engines import choose_engine, inference_precision, open_runner
+from .engines import choose_engine, open_bundle_model
 from .errors import BundleError, InputError, InputWarning, UntrainedModelWarning, UtrError
 from .parity import task_outputs
 from .tokenizer import foreign_fraction, foreign_letter, short_pieces
@@ -44,7 +44,7 @@ def load(bundle: str | os.PathLike | Bundle, precision: str = "fp32", device: st
     else:
         engine = choose_engine(engine, device, precision)
         name = bundle.model_name(precision, device, engine)
-        runner = open_runner(bundle.read_model(name), device, threads, engine, inference_precision(precision, engine), name=str(bundle.path / name))
+        runner = open_bundle_model(bundle, name, precision, device, threads, engine, label=str(bundle.path / name))
     if not bundle.trained:
         warnings.warn(UntrainedModelWarning.sentence(bundle.path), UntrainedModelWarning, stacklevel=2)
     return Model(bundle, runner, precision, device)

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 
 from .bundle import Bundle
-from .engines import inference_precision, installed, open_runner
+from .engines import installed, open_bundle_model
 from .errors import BundleError
 from .parity import TOLERANCES, compare
 
@@ -102,10 +102,10 @@ def _runners(bundle: Bundle, precisions, device: str, threads, engines):
         for precision in precisions or runnable_precisions(bundle, engine):
             if precision == "bf16":
                 name = bundle.model_name("bf16")
-                yield "bf16", "bf16", open_runner(bundle.read_model(name), device, threads, engine, inference_precision="bf16", name=name)
+                yield "bf16", "bf16", open_bundle_model(bundle, name, "bf16", device, threads, engine)
                 continue
             for label, name in bundle.model_names(precision, engine).items():  # what runs: int8's float parts as load runs them
-                yield label, precision, open_runner(bundle.read_model(name), device, threads, engine, inference_precision(precision, engine), name=name)
+                yield label, precision, open_bundle_model(bundle, name, precision, device, threads, engine)
 
 
 def runnable_precisions(bundle: Bundle, engine: str) -> list[str]:

@@ -47,6 +47,13 @@ def inference_precision(precision: str, engine: str) -> str:
     return "bf16" if bf16_supported() else "f32"
 
 
+def open_bundle_model(bundle, name: str, precision: str, device: str = "cpu", threads: int | None = None,
+                      engine: str = "onnxruntime", label: str | None = None):
+    """A runner for one of a bundle's model files as `load` runs `precision` on `engine`: its checked bytes, its float
+    parts (inference_precision). label: what errors call it (default: the file's name)."""
+    return open_runner(bundle.read_model(name), device, threads, engine, inference_precision(precision, engine), name=label or name)
+
+
 def open_runner(model, device: str = "cpu", threads: int | None = None, engine: str = "onnxruntime",
                 inference_precision: str = "f32", name: str | None = None):
     """A runner for a model: an ONNX model's bytes as Bundle.read_model checked them, or a file, on ONNX Runtime ("cpu"
